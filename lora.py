@@ -1,0 +1,118 @@
+"""
+LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) for linear layers.
+
+LoRALinear is an nn.Linear with a trainable low-rank update: y = W x + b + (alpha/r) * B A x,
+where A is (r, in) and B is (out, r). B starts at zero, so a fresh layer computes exactly what the
+pretrained nn.Linear computed. For inference the update can be folded into W ("merged"), which makes
+a LoRA model exactly as fast as the model without LoRA.
+
+Merging follows the module's mode, in one place (`train(mode)`):
+    layer.eval() / model.eval()    ->  W <- W + scaling * B @ A   (once; calling it again is a no-op)
+    layer.train() / model.train()  ->  W <- W - scaling * B @ A   (once)
+nn.Module.eval() calls train(False) on every child and never a child's eval(), so overriding
+train() is what makes model.eval() merge too (loralib only overrode eval(): microsoft/LoRA#61).
+
+What a state_dict() means: it always holds the *un-merged* base weight W next to lora_A and lora_B,
+whatever mode the layer is in. A checkpoint saved from a model in eval mode therefore loads into a
+fresh model (in either mode) with the same outputs, and the update is never added twice. Loading
+into a merged layer keeps it merged, with the loaded A and B; that includes loading only the LoRA
+tensors (lora_state_dict) with strict=False.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Linear):
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.lora_rank = lora_rank
+        self.has_weights_merged = False
+        if lora_rank > 0:
+            self.lora_alpha = lora_alpha
+            self.lora_scaling = lora_alpha / lora_rank
+            self.lora_dropout = nn.Dropout(lora_dropout)
+            # frozen until mark_only_lora_as_trainable() turns them on, as in the homework
+            self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, device=device, dtype=dtype),
+                                       requires_grad=False)
+            self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, device=device, dtype=dtype),
+                                       requires_grad=False)
+            self._reset_lora_parameters()
+
+    def is_lora(self):
+        return self.lora_rank > 0
+
+    def reset_parameters(self):
+        # nn.Linear.__init__ calls this before the LoRA tensors exist; W and b are initialised
+        # exactly as nn.Linear does, so a rank-0 layer is an nn.Linear to the last bit
+        super().reset_parameters()
+        if getattr(self, "lora_A", None) is not None:
+            self._reset_lora_parameters()
+
+    def _reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear does for its weight
+        nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
+        self.has_weights_merged = False
+
+    def delta_weight(self):
+        """scaling * B @ A, the update that merging adds to W (no autograd history)."""
+        return (self.lora_scaling * (self.lora_B.detach() @ self.lora_A.detach())).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def _set_merged(self, merged):
+        if not self.is_lora() or merged == self.has_weights_merged:
+            return
+        if merged:
+            self.weight.add_(self.delta_weight())
+        else:
+            self.weight.sub_(self.delta_weight())
+        self.has_weights_merged = merged
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._set_merged(not mode)
+        return self
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.is_lora() and not self.has_weights_merged:
+            y = y + self.lora_scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return y
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.has_weights_merged:  # see the module docstring: W is always saved un-merged
+            destination[prefix + "weight"] = self.weight.detach() - self.delta_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        merged = self.has_weights_merged
+        self._set_merged(False)  # load W, A, B as the un-merged tensors they are ...
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._set_merged(merged)  # ... then fold the loaded update back in
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.is_lora():
+            s += f", lora_rank={self.lora_rank}, lora_scaling={self.lora_scaling:g}, lora_dropout={self.lora_dropout.p:g}"
+        return s
+
+
+def is_lora_param(name):
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze everything except the LoRA matrices (biases, LayerNorms and embeddings included)."""
+    for name, p in model.named_parameters():
+        p.requires_grad = is_lora_param(name)
+    return model
+
+
+def lora_state_dict(model):
+    """Only the LoRA tensors of model.state_dict(): a few MB instead of the whole model."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_param(k)}

@@ -1,0 +1,287 @@
+"""
+GPT-2 in one file, after nanoGPT (karpathy/nanoGPT model.py), with LoRA in the attention.
+
+The attention's fused query/key/value projection `c_attn` and its output projection `c_proj` are
+LoRALinear layers (lora.py): one rank-r update for q, k and v together, as the homework asks.
+The MLP stays nn.Linear. With lora_rank=0 this is plain GPT-2.
+
+    model = GPT.from_pretrained("gpt2-medium", dict(lora_rank=16, lora_alpha=64))
+    logits, loss = model(idx, targets)      # targets of -1 are ignored
+
+from_pretrained takes gpt2 .. gpt2-xl, any hub id of a GPT-2 checkpoint, or a local directory that
+holds one; the architecture comes from that checkpoint's config. Generation uses a key/value cache
+and accepts left-padded batches (an attention mask), so a batch generates exactly what its prompts
+generate one at a time.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from lora import LoRALinear
+
+# shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
+PRETRAINED_SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # GPT-2's BPE; nanoGPT pads it to 50304 for speed, a checkpoint can't
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2 has them
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 0.0  # scaling of the update is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **lora)
+        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x, past=None, mask=None):
+        """past: (k, v) of earlier positions or None; mask: (B, 1, T, S) bool, True = may attend."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        # without a mask: a plain causal prefix, or one new token that may see everything before it
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and past is None,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's "gelu_new" is the tanh approximation
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past=None, mask=None):
+        a, present = self.attn(self.ln_1(x), past, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        # only W, b and embeddings: lora_A keeps its Kaiming init and lora_B its zeros
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters (the tied embedding counted once); non_embedding leaves out the positions."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def hidden_states(self, idx, pos=None, mask=None, past=None):
+        """Final-LayerNorm output (B, T, C) and each layer's (k, v), for forward and generation."""
+        B, T = idx.size()
+        if pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens, block size is {self.config.block_size}"
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, None if past is None else past[i], mask)
+            presents.append(kv)
+        return self.transformer.ln_f(x), presents
+
+    def forward(self, idx, targets=None):
+        x, _ = self.hidden_states(idx)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. to save memory when fine-tuning on short texts)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory."""
+        override_args = dict(override_args or {})
+        unknown = sorted(set(override_args) - set(OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"from_pretrained cannot override {', '.join(unknown)}; "
+                             f"only {', '.join(OVERRIDABLE)} can be set, the rest comes from the checkpoint")
+        from transformers import GPT2LMHeadModel
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(model_type)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a GPT-2 checkpoint from '{model_type}': give gpt2, gpt2-medium, "
+                             f"gpt2-large, gpt2-xl, a hub id or a local directory with config.json and weights "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        hc = hf.config
+        unsupported = [what for what, bad in (
+            (f"activation {hc.activation_function}", hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh")),
+            (f"n_inner={hc.n_inner}", hc.n_inner not in (None, 4 * hc.n_embd)),
+            (f"layer_norm_epsilon={hc.layer_norm_epsilon}", hc.layer_norm_epsilon != 1e-5),
+            ("scale_attn_by_inverse_layer_idx", hc.scale_attn_by_inverse_layer_idx),
+            ("scale_attn_weights=False", not hc.scale_attn_weights),
+            ("add_cross_attention", hc.add_cross_attention),
+        ) if bad]
+        if unsupported:
+            raise ValueError(f"'{model_type}' is not a plain GPT-2 ({', '.join(unsupported)})")
+        config_args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
+                           vocab_size=hc.vocab_size, bias=True)
+        config_args.update(override_args)
+        model = cls(GPTConfig(**config_args))
+
+        # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd = model.state_dict()
+        expected = {k for k in sd if not k.endswith(("lora_A", "lora_B")) and k != "lm_head.weight"}
+        missing = expected - set(sd_hf)
+        if missing:
+            raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for k in expected:
+                v = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert v.shape == sd[k].shape, f"{k}: checkpoint {tuple(v.shape)}, model {tuple(sd[k].shape)}"
+                sd[k].copy_(v)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the trainable parameters only; matrices decay, biases and LayerNorms don't."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+
+    @staticmethod
+    def _attention_mask(key_mask, T):
+        """(B, 1, T, S) bool for the last T of S positions: causal, and never onto padding."""
+        S = key_mask.size(1)
+        qpos = torch.arange(S - T, S, device=key_mask.device)[:, None]
+        kpos = torch.arange(S, device=key_mask.device)[None, :]
+        mask = (kpos <= qpos) & key_mask[:, None, :]
+        # a padding position has no real key before it; letting it see itself avoids a softmax over
+        # nothing (NaN), and its output is never seen by a real position
+        return (mask | (kpos == qpos))[:, None]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None):
+        """
+        Continue each row of idx (B, T) by max_new_tokens tokens. Rows may be left-padded: then
+        attention_mask (B, T) is 1 on real tokens and 0 on padding. temperature=0 is greedy decoding.
+        Prompts longer than block_size - max_new_tokens keep their last tokens.
+        """
+        assert max_new_tokens < self.config.block_size, "max_new_tokens must be smaller than the block size"
+        key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        keep = self.config.block_size - max_new_tokens
+        idx, key_mask = idx[:, -keep:], key_mask[:, -keep:]
+        padded = not bool(key_mask.all())
+        out, x, past = idx, idx, None
+        for _ in range(max_new_tokens):
+            T = x.size(1)
+            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
+            mask = self._attention_mask(key_mask, T) if padded else None
+            h, past = self.hidden_states(x, pos, mask, past)
+            logits = self.lm_head(h[:, -1, :]).float()
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            out = torch.cat((out, idx_next), dim=1)
+            x = idx_next
+            key_mask = torch.cat((key_mask, torch.ones_like(idx_next, dtype=torch.bool)), dim=1)
+        return out
+
+
+def parameter_summary(model):
+    """(trainable, total, percent trainable): homework question 2.3."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total, 100.0 * trainable / total
+
+
+def lora_parameter_counts(model_type, lora_rank):
+    """parameter_summary of a GPT-2 shape with LoRA of this rank, built on the meta device (no weights)."""
+    from lora import mark_only_lora_as_trainable
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank)))
+    if lora_rank > 0:
+        mark_only_lora_as_trainable(model)
+    return parameter_summary(model)

@@ -1,0 +1,176 @@
+"""LoRALinear against the formula W x + b + (alpha/r) B A x, merging, state dicts, trainability."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import LoRALinear, lora_state_dict, mark_only_lora_as_trainable
+from model import GPT, GPTConfig
+
+
+def lora_layer(seed=0, in_f=12, out_f=10, r=4, alpha=8.0, **kw):
+    torch.manual_seed(seed)
+    layer = LoRALinear(in_features=in_f, out_features=out_f, lora_rank=r, lora_alpha=alpha, **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # a trained-looking, non-zero update
+    return layer
+
+
+def reference(layer, x):
+    W, b, A, B = layer.weight, layer.bias, layer.lora_A, layer.lora_B
+    return x @ W.T + b + (layer.lora_alpha / layer.lora_rank) * (x @ A.T @ B.T)
+
+
+def test_rank_zero_is_exactly_nn_linear():
+    torch.manual_seed(3)
+    ref = nn.Linear(7, 5)
+    torch.manual_seed(3)
+    layer = LoRALinear(in_features=7, out_features=5)
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+    x = torch.randn(3, 7)
+    assert torch.equal(layer(x), ref(x))
+    layer.eval()
+    assert torch.equal(layer(x), ref(x))
+    assert not layer.is_lora()
+
+
+def test_shapes_init_and_frozen_after_construction():
+    torch.manual_seed(0)
+    ref = nn.Linear(12, 10)  # the base weight is initialised exactly as nn.Linear's
+    layer = lora_layer(seed=0)
+    assert torch.equal(layer.weight, ref.weight)
+    assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (10, 4)
+    assert layer.lora_scaling == 2.0
+    assert not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    fresh = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0)
+    assert torch.count_nonzero(fresh.lora_B) == 0
+    # kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(in), 1/sqrt(in))
+    assert fresh.lora_A.abs().max() <= 1 / math.sqrt(12) and fresh.lora_A.std() > 0.1 / math.sqrt(12)
+    torch.manual_seed(5)
+    a = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0)
+    torch.manual_seed(5)
+    b = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert "lora_rank=4" in repr(a) and "lora_scaling=2" in repr(a) and "lora_dropout=0" in repr(a)
+
+
+def test_fresh_layer_computes_the_base_linear():
+    layer = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0)
+    x = torch.randn(2, 3, 12)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_forward_matches_formula_merged_and_unmerged():
+    layer = lora_layer()
+    x = torch.randn(2, 5, 12)
+    expected = reference(layer, x)
+    torch.testing.assert_close(layer(x), expected)
+    W = layer.weight.detach().clone()
+    layer.eval()
+    assert layer.has_weights_merged
+    torch.testing.assert_close(layer.weight, W + 2.0 * layer.lora_B @ layer.lora_A)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert not layer.has_weights_merged
+    torch.testing.assert_close(layer.weight, W)
+
+
+def test_merge_is_idempotent_and_has_no_autograd_history():
+    layer = lora_layer()
+    mark_only_lora_as_trainable(layer)
+    layer.eval()
+    once = layer.weight.detach().clone()
+    layer.eval()
+    assert torch.equal(layer.weight, once)
+    assert layer.weight.grad_fn is None and layer.weight.is_leaf
+    layer.train()
+    back = layer.weight.detach().clone()
+    layer.train()
+    assert torch.equal(layer.weight, back)
+
+
+def test_model_eval_and_train_merge_every_child():
+    # nn.Module.eval() calls train(False) on children, never their eval() (microsoft/LoRA#61)
+    torch.manual_seed(0)
+    model = nn.Sequential(lora_layer(seed=1), nn.ReLU(), nn.Sequential(lora_layer(seed=2, in_f=10)))
+    layers = [model[0], model[2][0]]
+    x = torch.randn(4, 12)
+    y = model(x)
+    model.eval()
+    assert all(lyr.has_weights_merged for lyr in layers)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    model.train()
+    assert not any(lyr.has_weights_merged for lyr in layers)
+
+
+def test_dropout_only_on_the_lora_branch():
+    torch.manual_seed(0)
+    layer = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0, lora_dropout=0.9)
+    x = torch.randn(6, 12)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # B = 0: dropout changes nothing
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    a, b = layer(x), layer(x)
+    assert not torch.equal(a, b)  # the branch is dropped at random while training
+    expected = reference(layer, x)
+    layer.eval()  # no dropout at inference
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("save_mode", ["train", "eval"])
+@pytest.mark.parametrize("load_mode", ["train", "eval"])
+def test_state_dict_means_the_same_in_either_mode(save_mode, load_mode):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, lora_rank=4, lora_alpha=8.0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.5)
+    idx = torch.randint(0, 50, (2, 10))
+    model.eval()
+    expected, _ = model(idx)
+    getattr(model, save_mode)()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = GPT(cfg)
+    getattr(fresh, load_mode)()
+    fresh.load_state_dict(sd)
+    fresh.eval()
+    got, _ = fresh(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # the update is added once, not twice
+
+
+def test_loading_only_the_adapter_into_a_merged_model():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, lora_rank=4, lora_alpha=8.0)
+    trained = GPT(cfg)
+    base = GPT(cfg)
+    base.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.5)
+    idx = torch.randint(0, 50, (2, 10))
+    trained.eval()
+    expected, _ = trained(idx)
+    base.eval()  # merged with B = 0
+    adapter = lora_state_dict(trained)
+    assert adapter and all(k.endswith(("lora_A", "lora_B")) for k in adapter)
+    base.load_state_dict(adapter, strict=False)
+    got, _ = base(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mark_only_lora_as_trainable():
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, lora_rank=4, lora_alpha=4.0))
+    for p in model.parameters():
+        p.requires_grad = True
+    assert mark_only_lora_as_trainable(model) is model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"transformer.h.{i}.attn.{proj}.lora_{m}" for i in range(2)
+                for proj in ("c_attn", "c_proj") for m in "AB"}
+    assert trainable == expected

@@ -1,0 +1,146 @@
+"""GPT against transformers' GPT2LMHeadModel on the same checkpoints, parameter counts, generation."""
+import pytest
+import torch
+
+from conftest import STANDIN, needs_standin, save_random_hf_gpt2
+from lora import mark_only_lora_as_trainable
+from model import GPT, lora_parameter_counts, parameter_summary
+
+SHAPES = [
+    dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97),
+    dict(n_layer=3, n_head=4, n_embd=48, n_positions=128, vocab_size=211),
+]
+
+
+def perturb_lora_B(model, std=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["2x32", "3x48"])
+def test_logits_and_loss_match_transformers(tmp_path, shape):
+    hf = save_random_hf_gpt2(tmp_path, bos_token_id=0, eos_token_id=0, **shape)
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=8, lora_alpha=16)).eval()
+    assert model.config.n_layer == shape["n_layer"] and model.config.block_size == shape["n_positions"]
+    idx = torch.randint(0, shape["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(0))
+    targets = idx[:, 1:].clone()
+    targets[:, :10] = -1  # ignored positions
+    with torch.no_grad():
+        ref = hf(idx[:, :-1])
+        ref_last = hf(idx).logits[:, -1:]
+        logits, loss = model(idx[:, :-1], targets)
+        last, no_loss = model(idx)
+    hf_loss = torch.nn.functional.cross_entropy(ref.logits.reshape(-1, shape["vocab_size"]), targets.reshape(-1),
+                                                ignore_index=-1)
+    assert (logits - ref.logits).abs().max() < 1e-4
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+    assert last.shape == (3, 1, shape["vocab_size"]) and no_loss is None
+    assert (last - ref_last).abs().max() < 1e-4
+
+
+def test_nonzero_lora_merged_equals_unmerged(tmp_path):
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=32))
+    perturb_lora_B(model)
+    idx = torch.randint(0, SHAPES[1]["vocab_size"], (2, 30))
+    with torch.no_grad():
+        unmerged, _ = model(idx, torch.zeros_like(idx))
+        model.eval()
+        merged, _ = model(idx, torch.zeros_like(idx))
+        base = GPT.from_pretrained(str(tmp_path)).eval()
+        plain, _ = base(idx, torch.zeros_like(idx))
+    assert (merged - unmerged).abs().max() < 1e-4
+    assert (merged - plain).abs().max() > 1e-2  # the update really changes the function
+
+
+@needs_standin
+def test_standin_matches_transformers():
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(str(STANDIN)).eval()
+    model = GPT.from_pretrained(str(STANDIN), dict(lora_rank=16, lora_alpha=32)).eval()
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head) == (6, 256, 4)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = model(idx, idx)
+        assert (logits - hf(idx).logits).abs().max() < 1e-4
+
+
+def test_gpt2_medium_r128_trainable_parameters():
+    # 24 layers x 128 x (1024 + 3072 + 1024 + 1024), from shapes alone
+    trainable, total, pct = lora_parameter_counts("gpt2-medium", 128)
+    assert trainable == 24 * 128 * (1024 + 3072 + 1024 + 1024) == 18_874_368
+    assert total == 354_823_168 + trainable  # GPT-2 medium's own parameter count, plus LoRA
+    assert pct == pytest.approx(100 * trainable / total)
+    assert lora_parameter_counts("gpt2", 0)[0] == lora_parameter_counts("gpt2", 0)[1] == 124_439_808
+
+
+def test_parameter_summary_follows_trainability(tiny_ckpt):
+    model = GPT.from_pretrained(tiny_ckpt, dict(lora_rank=2, lora_alpha=2))
+    trainable, total, _ = parameter_summary(mark_only_lora_as_trainable(model))
+    assert trainable == 2 * 2 * ((32 + 96) + (32 + 32))
+    assert total == sum(p.numel() for p in model.parameters())
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable
+
+
+def test_override_args_are_checked(tiny_ckpt):
+    with pytest.raises(ValueError, match="cannot override n_layer"):
+        GPT.from_pretrained(tiny_ckpt, dict(n_layer=3))
+    model = GPT.from_pretrained(tiny_ckpt, dict(dropout=0.1, lora_rank=3, lora_alpha=6, lora_dropout=0.05))
+    attn = model.transformer.h[0].attn.c_attn
+    assert (attn.lora_rank, attn.lora_scaling, attn.lora_dropout.p) == (3, 2.0, 0.05)
+    assert model.config.dropout == 0.1
+
+
+def test_unknown_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot load a GPT-2 checkpoint from"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_crop_block_size(tiny_ckpt):
+    model = GPT.from_pretrained(tiny_ckpt)
+    idx = torch.randint(0, 50257, (1, 16))
+    before, _ = model(idx)
+    model.crop_block_size(16)
+    after, _ = model(idx)
+    assert model.transformer.wpe.weight.shape[0] == 16
+    torch.testing.assert_close(before, after)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    hf = save_random_hf_gpt2(tmp_path, bos_token_id=0, eos_token_id=0, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(1, SHAPES[1]["vocab_size"], (3, 12), generator=torch.Generator().manual_seed(2))
+    ours = model.generate(idx, 8, temperature=0)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates(tmp_path):
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8))
+    perturb_lora_B(model)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 211, (n,), generator=g) for n in (5, 17, 11, 1)]
+    T = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    out = model.generate(batch, 6, temperature=0, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], 6, temperature=0)
+        assert torch.equal(out[i, T:], alone[0, len(p):])
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny_ckpt):
+    model = GPT.from_pretrained(tiny_ckpt).eval()
+    idx = torch.randint(0, 50257, (2, 5))
+    a = model.generate(idx, 5, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(0))
+    b = model.generate(idx, 5, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
