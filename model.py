@@ -16,6 +16,7 @@ generate one at a time.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -155,14 +156,20 @@ class GPT(nn.Module):
             presents.append(kv)
         return self.transformer.ln_f(x), presents
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, targets_only=False):
+        """
+        (logits, loss). Without targets: logits of the last position only (inference). With targets
+        (-1 = ignore): logits of every position, or with targets_only=True only of the positions that
+        have a target, as (N, vocab), which skips most of the LM head when few tokens are learned.
+        """
         x, _ = self.hidden_states(idx)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
-            loss = None
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        if targets_only:
+            keep = targets != -1
+            x, targets = x[keep], targets[keep]
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def crop_block_size(self, block_size):
@@ -268,6 +275,28 @@ class GPT(nn.Module):
             x = idx_next
             key_mask = torch.cat((key_mask, torch.ones_like(idx_next, dtype=torch.bool)), dim=1)
         return out
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py ckpt.pt. weights_only: loading runs no pickled code."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}: train one first, or check --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be loaded as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); it may be truncated, "
+                         f"corrupted, or hold objects other than tensors") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
+        raise ValueError(f"{path} is not a train.py checkpoint (it needs 'model' and 'model_args')")
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        # torch.compile and DDP prefix the parameter names
+        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v
+                               for k, v in ckpt["model"].items()})
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
+    return model, ckpt
 
 
 def parameter_summary(model):

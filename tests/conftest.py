@@ -33,3 +33,29 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     save_random_hf_gpt2(path)
     return str(path)
+
+
+POSITIVE = ["a moving , funny and beautifully acted film", "one of the best movies of the year",
+            "a delightful , warm comedy", "smart , sharp and wonderfully made", "an absolute joy to watch"]
+NEGATIVE = ["a dull , lifeless mess", "the worst script in years", "boring , predictable and far too long",
+            "a tedious waste of a fine cast", "nothing here works at all"]
+
+
+def write_reviews(path, n_train=48, n_val=16, n_test=16):
+    """A small Rotten-Tomatoes-like data set as CSV split files (train/validation/test)."""
+    import csv
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        with open(path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for i in range(n):
+                label = i % 2
+                words = (POSITIVE if label else NEGATIVE)[i // 2 % 5]
+                w.writerow([f"{words} , take {i} .", label])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory):
+    return write_reviews(tmp_path_factory.mktemp("reviews"))

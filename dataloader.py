@@ -1,0 +1,147 @@
+"""
+Rotten Tomatoes reviews as instruction-tuning batches.
+
+Each review becomes one text: an instruction prompt that ends in "Sentiment:", then the label word
+(" positive" / " negative", one GPT-2 token each, the space belongs to the word), then end-of-text.
+build_prompt() is the one place the prompt is written: generate.py asks the model exactly the text
+it was trained on, up to the label. The prompt never ends in a space, because " positive" is one
+token while "positive" after a space is another.
+
+    data = load_splits("cornell-movie-review-data/rotten_tomatoes")   # or a local directory
+    loader = CustomDataLoader(data["train"], tiktoken.get_encoding("gpt2"), batch_size=8)
+    x, y = loader.get_batch(0)   # (B, T) inputs, (B, T) targets with -1 where nothing is learned
+"""
+
+import math
+import os
+
+import torch
+
+LABEL_WORDS = ("negative", "positive")  # label 0, label 1
+INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
+LOSS_ON = ("label", "all")
+
+
+def demonstration(text, label):
+    return f"Review: {text.strip()}\nSentiment: {LABEL_WORDS[label]}\n\n"
+
+
+def build_prompt(text, demonstrations=()):
+    """The instruction, optional solved examples (few-shot prompting), then the review to classify."""
+    shots = "".join(demonstration(t, y) for t, y in demonstrations)
+    return f"{INSTRUCTION}\n\n{shots}Review: {text.strip()}\nSentiment:"
+
+
+def encode_prompt(enc, text, max_tokens, demonstrations=()):
+    """Token ids of build_prompt(text), the review shortened (never the instruction) to fit max_tokens."""
+    ids = enc.encode(build_prompt(text, demonstrations))
+    if len(ids) <= max_tokens:
+        return ids
+    review = enc.encode(text.strip())
+    overflow = len(ids) - max_tokens
+    if overflow >= len(review):
+        raise ValueError(f"the prompt without its review is longer than {max_tokens} tokens; raise block_size")
+    while len(ids) > max_tokens:  # a cut can re-tokenise differently at its edge: cut until it fits
+        review = review[:len(review) - overflow]
+        ids = enc.encode(build_prompt(enc.decode(review), demonstrations))
+        overflow = max(1, len(ids) - max_tokens)
+    return ids
+
+
+def load_splits(dataset, splits=("train", "validation")):
+    """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
+    import datasets
+    datasets.logging.set_verbosity_error()
+    try:
+        data = datasets.load_dataset(dataset)
+    except Exception as e:  # datasets raises many types for "not there"
+        where = "local directory" if os.path.isdir(dataset) else "hub id or local directory"
+        raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}") from None
+    for split in splits:
+        if split not in data:
+            raise ValueError(f"data set '{dataset}' has no '{split}' split (it has: {', '.join(data)})")
+        missing = {"text", "label"} - set(data[split].column_names)
+        if missing:
+            raise ValueError(f"the '{split}' split of '{dataset}' lacks column(s) {', '.join(sorted(missing))}; "
+                             f"it needs 'text' (the review) and 'label' (0 negative, 1 positive)")
+        if len(data[split]) == 0:
+            raise ValueError(f"the '{split}' split of '{dataset}' is empty")
+    return data
+
+
+class CustomDataLoader:
+    """
+    Batches of instruction-tuned reviews. get_batch(i) is a pure function of (seed, i, rank): a run
+    that resumes at iteration i sees the batches it would have seen. Each epoch is a fresh seeded
+    shuffle; with world_size > 1 the ranks split one global batch of world_size * batch_size.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size=8, block_size=1024, loss_on="label", shuffle=True,
+                 seed=1337, rank=0, world_size=1):
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, not '{loss_on}'")
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.loss_on = loss_on
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.records = [self._add_instruction_finetuning(dict(rec)) for rec in dataset]
+        self._orders = {}
+
+    def _add_instruction_finetuning(self, rec):
+        """Adds instr_tuned_text (prompt + " label" + end-of-text) and its token ids to a record."""
+        label = rec["label"]
+        if label not in (0, 1):
+            raise ValueError(f"label {label!r} of review {rec['text'][:40]!r} is not 0 (negative) or 1 (positive)")
+        answer = self.tokenizer.encode(" " + LABEL_WORDS[label]) + [self.tokenizer.eot_token]
+        # inputs are the text minus its last token, so the prompt may use block_size + 1 - |answer| tokens
+        prompt = encode_prompt(self.tokenizer, rec["text"], self.block_size + 1 - len(answer))
+        rec["instr_tuned_text"] = self.tokenizer.decode(prompt) + " " + LABEL_WORDS[label] + "<|endoftext|>"
+        rec["ids"] = prompt + answer
+        rec["n_answer"] = len(answer)
+        return rec
+
+    def __len__(self):
+        """Global batches per epoch."""
+        return math.ceil(len(self.records) / (self.batch_size * self.world_size))
+
+    def _order(self, epoch):
+        if epoch not in self._orders:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._orders = {epoch: torch.randperm(len(self.records), generator=g).tolist()}
+            else:
+                self._orders = {epoch: list(range(len(self.records)))}
+        return self._orders[epoch]
+
+    def get_batch(self, i):
+        """This rank's share of global batch i (an endless stream over the epochs)."""
+        n, B = len(self.records), self.batch_size
+        start = (i * self.world_size + self.rank) * B
+        picks = [self._order(k // n)[k % n] for k in range(start, start + B)]
+        return self.collate([self.records[j] for j in picks])
+
+    def __iter__(self):
+        """One pass over the data in order, this rank's share, the last batch possibly smaller."""
+        order = self._order(0)
+        step = self.batch_size * self.world_size
+        for s in range(0, len(order), step):
+            part = order[s + self.rank * self.batch_size: s + (self.rank + 1) * self.batch_size]
+            if part:
+                yield self.collate([self.records[j] for j in part])
+
+    def collate(self, recs):
+        """Right-padded (x, y): y is x shifted by one, -1 on padding and, with loss_on=label, the prompt."""
+        T = max(len(r["ids"]) for r in recs) - 1
+        x = torch.full((len(recs), T), self.tokenizer.eot_token, dtype=torch.long)
+        y = torch.full((len(recs), T), -1, dtype=torch.long)
+        for b, r in enumerate(recs):
+            ids = torch.tensor(r["ids"], dtype=torch.long)
+            n = len(ids) - 1
+            x[b, :n] = ids[:-1]
+            first = n - r["n_answer"] if self.loss_on == "label" else 0
+            y[b, first:n] = ids[first + 1:]
+        return x, y
