@@ -41,7 +41,7 @@ dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directo
 loss_on = 'label'  # 'label': learn the answer only; 'all': the whole text, as the handout does
 batch_size = 16
 gradient_accumulation_steps = 1
-block_size = 1024  # longest text in tokens; at most the model's context
+block_size = 0  # longest text in tokens (reviews beyond it are shortened); 0: the model's context
 # model
 lora_rank = 128  # 0: full fine-tuning
 lora_alpha = 512.0
@@ -59,6 +59,7 @@ beta2 = 0.95
 grad_clip = 1.0  # 0 disables clipping
 decay_lr = True  # cosine decay to min_lr after warmup
 warmup_iters = 20
+lr_decay_iters = 0  # iteration where the decay ends; 0: max_iters
 min_lr = 5e-5
 # system
 device = 'auto'  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
@@ -83,7 +84,7 @@ def check_settings(c):
         (c.max_iters < 1 and not c.eval_only, f"max_iters must be >= 1, not {c.max_iters}"),
         (min(c.eval_interval, c.eval_iters, c.log_interval) < 1, "eval_interval, eval_iters and log_interval must be >= 1"),
         (c.learning_rate <= 0, f"learning_rate must be > 0, not {c.learning_rate}"),
-        (c.block_size < 8, f"block_size must be >= 8, not {c.block_size}"),
+        (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
         (c.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"dtype must be auto, float32, bfloat16 or float16, not {c.dtype!r}"),
@@ -163,7 +164,7 @@ def main(argv):
     check_settings(c)
     import tiktoken
     from dataloader import CustomDataLoader, load_splits
-    from lora import mark_only_lora_as_trainable
+    from lora import LoRALinear, mark_only_lora_as_trainable
     from model import GPT, GPTConfig, load_checkpoint, parameter_summary
 
     # distributed data parallel when launched by torchrun
@@ -200,6 +201,7 @@ def main(argv):
             raise ConfigError(f"cannot write to out_dir '{c.out_dir}': {e.strerror}; pick another --out_dir") from None
 
     # model: pretrained, resumed or new; then which parameters train
+    torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
     iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
     if resume:
         model, ckpt = as_config_error(load_checkpoint, ckpt_path)
@@ -221,7 +223,7 @@ def main(argv):
     if c.block_size > model.config.block_size:
         raise ConfigError(f"block_size={c.block_size} is larger than the model's context of "
                           f"{model.config.block_size} tokens; use --block_size={model.config.block_size} or less")
-    if c.block_size < model.config.block_size:
+    if 0 < c.block_size < model.config.block_size:
         model.crop_block_size(c.block_size)
     if c.lora_rank > 0:
         mark_only_lora_as_trainable(model)
@@ -255,10 +257,16 @@ def main(argv):
     val_loader = CustomDataLoader(data['validation'], enc, c.batch_size, raw_model.config.block_size, c.loss_on,
                                   seed=c.seed)
 
+    def set_dropout(on):
+        # not model.eval(): merging LoRA into W and taking it out again rounds W a little every time
+        for m in model.modules():
+            if not isinstance(m, LoRALinear):
+                m.training = on
+
     @torch.no_grad()
     def estimate_loss():
         out = {}
-        model.eval()
+        set_dropout(False)
         for split, loader in (('train', train_loader), ('val', val_loader)):
             total, count = 0.0, 0
             for _, (x, y) in zip(range(c.eval_iters), loader):
@@ -267,7 +275,7 @@ def main(argv):
                     _, loss = raw_model(x.to(device), y.to(device), targets_only=True)
                 total, count = total + loss.item() * n, count + n
             out[split] = total / count
-        model.train()
+        set_dropout(True)
         return out
 
     def get_lr(it):
@@ -275,7 +283,7 @@ def main(argv):
             return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
         if not c.decay_lr:
             return c.learning_rate
-        decay_iters = max(1, c.max_iters - c.warmup_iters)
+        decay_iters = max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters)
         ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
         return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 

@@ -19,7 +19,7 @@ def save_random_hf_gpt2(path, seed=0, **shape):
     """A randomly initialised transformers GPT2LMHeadModel saved as a checkpoint directory."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    args = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
+    args = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257,
                 bos_token_id=50256, eos_token_id=50256)
     args.update(shape)
     hf = GPT2LMHeadModel(GPT2Config(**args))
