@@ -244,6 +244,20 @@ class GPT(nn.Module):
         # nothing (NaN), and its output is never seen by a real position
         return (mask | (kpos == qpos))[:, None]
 
+    def _next_logits(self, x, key_mask, past=None):
+        """Logits (B, vocab) after the last of x's positions, and the new cache; key_mask covers cache + x."""
+        T = x.size(1)
+        pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # left padding: real tokens count from 0
+        mask = None if bool(key_mask.all()) else self._attention_mask(key_mask, T)
+        h, past = self.hidden_states(x, pos, mask, past)
+        return self.lm_head(h[:, -1, :]).float(), past
+
+    @torch.no_grad()
+    def last_logits(self, idx, attention_mask=None):
+        """Next-token logits (B, vocab) of each (left-padded) row: one forward pass, no sampling."""
+        key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return self._next_logits(idx, key_mask)[0]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None):
         """
@@ -255,19 +269,14 @@ class GPT(nn.Module):
         key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         keep = self.config.block_size - max_new_tokens
         idx, key_mask = idx[:, -keep:], key_mask[:, -keep:]
-        padded = not bool(key_mask.all())
         out, x, past = idx, idx, None
         for _ in range(max_new_tokens):
-            T = x.size(1)
-            pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
-            mask = self._attention_mask(key_mask, T) if padded else None
-            h, past = self.hidden_states(x, pos, mask, past)
-            logits = self.lm_head(h[:, -1, :]).float()
+            logits, past = self._next_logits(x, key_mask, past)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

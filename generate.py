@@ -1,0 +1,214 @@
+"""
+Test accuracy of a fine-tuned or pretrained GPT-2 on Rotten Tomatoes: the label word must be what
+the model generates after the prompt it was trained on.
+
+    python generate.py --init_from=resume --out_dir=gpt-lora-default        # a train.py run
+    python generate.py --init-from=gpt2-medium --out_dir=gpt2-medium-zero-shot   # prompting alone
+    python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=...
+    python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score   # faster
+
+A prediction is the label word (positive / negative) that the continuation starts with, ignoring
+leading whitespace and case; a continuation that starts with neither, or also names the other
+label, is wrong and counts as unparseable. mode=score instead compares the probabilities of the two
+label words after the prompt, in one forward pass per batch. Writes out_dir/results.json and
+out_dir/predictions.jsonl.
+"""
+
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), gpt2 .. gpt2-xl, a hub id or a local checkpoint directory
+out_dir = 'out'  # the run to evaluate, and where results.json and predictions.jsonl go
+dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directory of split files
+split = 'test'
+num_samples = 0  # reviews to evaluate; 0: the whole split
+batch_size = 32
+mode = 'generate'  # 'generate': generate and match the label word; 'score': compare the two label words' probabilities
+prompt_style = 'zero_shot'  # 'zero_shot': the instruction alone; 'few_shot': num_shots solved examples first
+num_shots = 4  # few-shot demonstrations, balanced between the labels, drawn from the train split
+max_new_tokens = 5
+temperature = 0.0  # 0: greedy decoding; > 0: sampling
+top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
+seed = 1337
+device = 'auto'  # auto: cuda, else mps, else cpu
+dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+from configurator import ConfigError, configure  # noqa: E402
+from dataloader import LABEL_WORDS, build_prompt, encode_prompt, load_splits  # noqa: E402
+
+LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
+
+
+def parse_label(generation):
+    """1 for positive, 0 for negative, None when the continuation doesn't start with exactly one of them."""
+    m = LABEL_RE.match(generation)
+    if m is None:
+        return None
+    word = m.group(1).lower()
+    other = LABEL_WORDS[1 - LABEL_WORDS.index(word)]
+    if re.search(rf"\b{other}\b", generation, re.IGNORECASE):
+        return None
+    return LABEL_WORDS.index(word)
+
+
+def few_shot_demonstrations(train_split, k, seed):
+    """k solved (text, label) examples, as balanced as k allows, in a seeded random order."""
+    rng = random.Random(seed)
+    by_label = {y: [i for i, lab in enumerate(train_split['label']) if lab == y] for y in (0, 1)}
+    first = rng.randrange(2)
+    labels = [(first + j) % 2 for j in range(k)]
+    picks = [(i, y) for y in (0, 1) for i in rng.sample(by_label[y], labels.count(y))]
+    rng.shuffle(picks)
+    return [(train_split[i]['text'], y) for i, y in picks]
+
+
+class ModelSampler:
+
+    def __init__(self, init_from='resume', out_dir='out', device='auto', dtype='auto', max_new_tokens=5,
+                 temperature=0.0, top_k=0, dataset=DEFAULTS['dataset'], split='test', num_samples=0, batch_size=32,
+                 seed=1337, mode='generate', prompt_style='zero_shot', num_shots=4):
+        import tiktoken
+        from model import GPT, load_checkpoint
+        from train import as_config_error, autocast, pick_device, pick_dtype
+        rules = [
+            (max_new_tokens < 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
+            (num_samples < 0, f"num_samples must be >= 1 (or 0 for the whole split), not {num_samples}"),
+            (batch_size < 1, f"batch_size must be >= 1, not {batch_size}"),
+            (temperature < 0, f"temperature must be >= 0 (0 is greedy), not {temperature}"),
+            (top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {top_k}"),
+            (mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {mode!r}"),
+            (prompt_style not in ('zero_shot', 'few_shot'), f"prompt_style must be 'zero_shot' or 'few_shot', not {prompt_style!r}"),
+            (prompt_style == 'few_shot' and num_shots < 1, f"num_shots must be >= 1 for few_shot, not {num_shots}"),
+        ]
+        for bad, message in rules:
+            if bad:
+                raise ConfigError(message)
+        self.settings = dict(init_from=init_from, out_dir=out_dir, dataset=dataset, split=split, mode=mode,
+                             prompt_style=prompt_style, num_shots=num_shots if prompt_style == 'few_shot' else 0,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                             batch_size=batch_size)
+        self.device = pick_device(device)
+        self.ctx = autocast(self.device, pick_dtype(dtype, self.device))
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.batch_size, self.mode = batch_size, mode
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.enc = tiktoken.get_encoding('gpt2')
+        self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
+
+        if init_from == 'resume':
+            self.model, _ = as_config_error(load_checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+        else:
+            self.model = as_config_error(GPT.from_pretrained, init_from)
+        self.model.eval()  # merges LoRA into W: inference costs what the model without LoRA costs
+        self.model.to(self.device)
+
+        splits = (split, 'train') if prompt_style == 'few_shot' else (split,)
+        data = as_config_error(load_splits, dataset, splits)
+        self.records = data[split]
+        if num_samples:
+            self.records = self.records.select(range(min(num_samples, len(self.records))))
+        self.demonstrations = few_shot_demonstrations(data['train'], num_shots, seed) if prompt_style == 'few_shot' else ()
+
+    def prompt_ids(self, text):
+        return encode_prompt(self.enc, text, self.model.config.block_size - self.max_new_tokens, self.demonstrations)
+
+    def _left_pad(self, prompts):
+        T = max(len(p) for p in prompts)
+        idx = torch.full((len(prompts), T), self.enc.eot_token, dtype=torch.long)
+        mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        return idx.to(self.device), mask.to(self.device)
+
+    def _continuations(self, prompts):
+        """Decoded continuation of each prompt (token id lists), cut at end-of-text."""
+        idx, mask = self._left_pad(prompts)
+        with self.ctx:
+            if self.mode == 'score':
+                logits = self.model.last_logits(idx, mask)[:, self.label_ids]
+                return [' ' + LABEL_WORDS[int(i)] for i in logits.argmax(dim=-1)]
+            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, mask, self.generator)
+        texts = []
+        for row in out[:, idx.size(1):].tolist():
+            if self.enc.eot_token in row:
+                row = row[:row.index(self.enc.eot_token)]
+            texts.append(self.enc.decode(row))
+        return texts
+
+    def get_generation(self, prompt):
+        """The model's continuation of one prompt string."""
+        return self._continuations([self.enc.encode(prompt)])[0]
+
+    def predictions(self, progress=True):
+        """One dict per review (text, label, prompt, generation, prediction), in data set order."""
+        from tqdm import tqdm
+        recs = [dict(text=r['text'], label=r['label'], ids=self.prompt_ids(r['text'])) for r in self.records]
+        # batches of similar lengths waste little on padding; the predictions do not depend on it
+        order = sorted(range(len(recs)), key=lambda i: len(recs[i]['ids']))
+        for s in tqdm(range(0, len(order), self.batch_size), desc='evaluating', unit='batch', disable=not progress):
+            part = order[s:s + self.batch_size]
+            for i, gen in zip(part, self._continuations([recs[i]['ids'] for i in part])):
+                recs[i]['generation'] = gen
+        for r in recs:
+            r['prompt'] = self.enc.decode(r.pop('ids'))
+            label = parse_label(r['generation'])
+            r['prediction'] = None if label is None else LABEL_WORDS[label]
+        return recs
+
+    def get_accuracy(self, progress=True):
+        """(accuracy, positive_count, negative_count); unparseable generations count as wrong."""
+        t0 = time.time()
+        self.results = self.predictions(progress)
+        self.seconds = time.time() - t0
+        return self.counts()
+
+    def counts(self):
+        n = len(self.results)
+        correct = sum(r['prediction'] == LABEL_WORDS[r['label']] for r in self.results)
+        pos = sum(r['prediction'] == 'positive' for r in self.results)
+        neg = sum(r['prediction'] == 'negative' for r in self.results)
+        return correct / n, pos, neg
+
+    def write_results(self, out_dir):
+        """results.json and predictions.jsonl of the last get_accuracy(), written atomically."""
+        from train import save_atomic
+        accuracy, pos, neg = self.counts()
+        os.makedirs(out_dir, exist_ok=True)
+        n = len(self.results)
+        summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
+                       seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
+                       **self.settings)
+        save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'),
+                    write=lambda data, f: f.write(data))
+        lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
+        save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'), write=lambda data, f: f.write(data))
+        return summary
+
+
+def main(argv):
+    c = configure(DEFAULTS, argv)
+    sampler = ModelSampler(**c)
+    accuracy, pos, neg = sampler.get_accuracy()
+    summary = sampler.write_results(c['out_dir'])
+    print(f"Accuracy: {accuracy:.4f}, Positive Predictions: {pos}, Negative Predictions: {neg}, "
+          f"Unparseable: {summary['unparseable']} ({summary['n']} reviews, {summary['seconds']:.1f} s, "
+          f"{summary['examples_per_second']:.1f} reviews/s)")
+    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} and predictions.jsonl")
+    return summary
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
