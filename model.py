@@ -323,3 +323,12 @@ def lora_parameter_counts(model_type, lora_rank):
     if lora_rank > 0:
         mark_only_lora_as_trainable(model)
     return parameter_summary(model)
+
+
+if __name__ == "__main__":
+    # homework question 2.3: trainable parameters of LoRA on each GPT-2 size, from shapes alone
+    print(f"{'model':<12} {'rank':>4} {'trainable':>12} {'total':>15} {'trainable %':>12}")
+    for name in PRETRAINED_SHAPES:
+        for r in (16, 128, 196):
+            trainable, total, pct = lora_parameter_counts(name, r)
+            print(f"{name:<12} {r:>4} {trainable:>12,} {total:>15,} {pct:>11.2f}%")
