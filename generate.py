@@ -188,10 +188,9 @@ class ModelSampler:
         summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
                        seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
                        **self.settings)
-        save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'),
-                    write=lambda data, f: f.write(data))
+        save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'))
         lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
-        save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'), write=lambda data, f: f.write(data))
+        save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
         return summary
 
 

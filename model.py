@@ -186,32 +186,26 @@ class GPT(nn.Module):
         if unknown:
             raise ValueError(f"from_pretrained cannot override {', '.join(unknown)}; "
                              f"only {', '.join(OVERRIDABLE)} can be set, the rest comes from the checkpoint")
-        from transformers import GPT2LMHeadModel
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(model_type)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a GPT-2 checkpoint from '{model_type}': give gpt2, gpt2-medium, "
-                             f"gpt2-large, gpt2-xl, a hub id or a local directory with config.json and weights "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        hc = hf.config
+        hc, sd_hf = read_hf_checkpoint(model_type)
         unsupported = [what for what, bad in (
-            (f"activation {hc.activation_function}", hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh")),
-            (f"n_inner={hc.n_inner}", hc.n_inner not in (None, 4 * hc.n_embd)),
-            (f"layer_norm_epsilon={hc.layer_norm_epsilon}", hc.layer_norm_epsilon != 1e-5),
-            ("scale_attn_by_inverse_layer_idx", hc.scale_attn_by_inverse_layer_idx),
-            ("scale_attn_weights=False", not hc.scale_attn_weights),
-            ("add_cross_attention", hc.add_cross_attention),
+            (f"model_type {hc.get('model_type')}", hc.get("model_type", "gpt2") != "gpt2"),
+            (f"activation {hc.get('activation_function')}",
+             hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
+            (f"n_inner={hc.get('n_inner')}", hc.get("n_inner") not in (None, 4 * hc["n_embd"])),
+            (f"layer_norm_epsilon={hc.get('layer_norm_epsilon')}", hc.get("layer_norm_epsilon", 1e-5) != 1e-5),
+            ("scale_attn_by_inverse_layer_idx", hc.get("scale_attn_by_inverse_layer_idx", False)),
+            ("scale_attn_weights=False", not hc.get("scale_attn_weights", True)),
+            ("add_cross_attention", hc.get("add_cross_attention", False)),
         ) if bad]
         if unsupported:
             raise ValueError(f"'{model_type}' is not a plain GPT-2 ({', '.join(unsupported)})")
-        config_args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
-                           vocab_size=hc.vocab_size, bias=True)
+        config_args = dict(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
+                           block_size=hc["n_positions"], vocab_size=hc["vocab_size"], bias=True)
         config_args.update(override_args)
         model = cls(GPTConfig(**config_args))
 
         # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         sd = model.state_dict()
         expected = {k for k in sd if not k.endswith(("lora_A", "lora_B")) and k != "lm_head.weight"}
         missing = expected - set(sd_hf)
@@ -284,6 +278,59 @@ class GPT(nn.Module):
             x = idx_next
             key_mask = torch.cat((key_mask, torch.ones_like(idx_next, dtype=torch.bool)), dim=1)
         return out
+
+
+def read_hf_checkpoint(model_type):
+    """
+    (config dict, state dict) of a Hugging Face GPT-2 checkpoint: a local directory or a hub id (through
+    the hub cache, so HF_HUB_OFFLINE=1 works). Reads the files directly, without building a
+    transformers model: faster, and no second copy of the weights in memory.
+    """
+    import json
+    def fail(why):
+        return ValueError(f"cannot load a GPT-2 checkpoint from '{model_type}': {why}; give gpt2, gpt2-medium, "
+                          f"gpt2-large, gpt2-xl, a hub id or a local directory with config.json and weights")
+    if os.path.isdir(model_type):
+        def fetch(name):
+            path = os.path.join(model_type, name)
+            return path if os.path.isfile(path) else None
+    elif model_type.startswith((".", "/", "~")) or model_type.count("/") > 1:
+        raise fail("no such directory")
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+
+        def fetch(name):
+            try:
+                return hf_hub_download(model_type, name)
+            except EntryNotFoundError:
+                return None
+            except Exception as e:  # no such repository, no network and not in the cache, ...
+                raise fail(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    config_path = fetch("config.json")
+    if config_path is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise fail("no config.json" + (" in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""))
+    with open(config_path) as f:
+        config = json.load(f)
+    if (index := fetch("model.safetensors.index.json")) is not None:
+        with open(index) as f:
+            files = [fetch(shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        files = [fetch("model.safetensors") or fetch("pytorch_model.bin")]
+    if None in files:
+        raise fail("no model.safetensors or pytorch_model.bin")
+    state = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state.update(load_file(path))
+        else:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+    # GPT2Model checkpoints (OpenAI's) have no "transformer." prefix; GPT2LMHeadModel ones do
+    state = {("" if k.startswith(("transformer.", "lm_head.")) else "transformer.") + k: v for k, v in state.items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    return config, state
 
 
 def load_checkpoint(path, device="cpu"):

@@ -7,7 +7,8 @@ Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or i
     torchrun --standalone --nproc_per_node=2 train.py ...                    # data parallel (DDP)
 
 With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does.
-Writes out_dir/ckpt.pt (atomically), out_dir/metrics.jsonl and out_dir/loss_curve.png.
+Writes out_dir/ckpt.pt (atomically), out_dir/metrics.jsonl, out_dir/loss_curve.png and out_dir/run.json
+(what was trained: base model, parameter counts, settings).
 The settings below are the defaults; a config file and --key=value flags override them.
 """
 
@@ -132,10 +133,11 @@ def autocast(device, dtype):
 
 
 def save_atomic(obj, path, write=torch.save):
-    """Write to path.tmp, flush to disk, then rename: a crash leaves the old file or the new one."""
+    """Write to path.tmp, flush to disk, then rename: a crash leaves the old file or the new one.
+    obj is bytes, or what write(obj, file) writes (torch.save by default)."""
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
-        write(obj, f)
+        f.write(obj) if isinstance(obj, bytes) else write(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -291,6 +293,9 @@ def main(argv):
     metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
     records = []
     if master:
+        run_info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
+                        device=device, dtype=dtype, world_size=world, config=config)
+        save_atomic(json.dumps(run_info, indent=2).encode(), os.path.join(c.out_dir, 'run.json'))
         if resume and os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 records = [r for r in map(json.loads, f) if r['iter'] <= iter_num]

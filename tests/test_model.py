@@ -144,3 +144,16 @@ def test_sampling_is_reproducible_with_a_generator(tiny_ckpt):
     a = model.generate(idx, 5, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(0))
     b = model.generate(idx, 5, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+def test_openai_style_checkpoint_without_prefix_as_pytorch_bin(tmp_path):
+    # OpenAI's GPT-2 repositories hold GPT2Model tensors ("h.0.attn...", no "transformer.") and
+    # older ones only pytorch_model.bin
+    hf = save_random_hf_gpt2(tmp_path / "lm", **SHAPES[0])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "lm" / "config.json").read_text())
+    torch.save(hf.transformer.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    model = GPT.from_pretrained(str(tmp_path / "bin")).eval()
+    idx = torch.randint(0, SHAPES[0]["vocab_size"], (2, 16))
+    with torch.no_grad():
+        assert (model(idx, idx)[0] - hf(idx).logits).abs().max() < 1e-4
