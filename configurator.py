@@ -80,3 +80,15 @@ def configure(defaults, argv):
                 value = raw
             config[key] = _coerce(key, value, defaults[key], raw)
     return config
+
+
+def run_cli(main, argv, errors=()):
+    """The exit status of a script's main(argv) (0 unless it returns an int); a ConfigError (or one
+    of errors) is printed as one line on stderr, with exit status 2."""
+    import sys
+    try:
+        status = main(argv)
+        return status if isinstance(status, int) else 0
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

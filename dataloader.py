@@ -22,14 +22,19 @@ INSTRUCTION = "Classify the sentiment of the movie review as positive or negativ
 LOSS_ON = ("label", "all")
 
 
+def clean(text):
+    """A review as prompt text: a missing review (None in a CSV) is the empty string."""
+    return "" if text is None else str(text).strip()
+
+
 def demonstration(text, label):
-    return f"Review: {text.strip()}\nSentiment: {LABEL_WORDS[label]}\n\n"
+    return f"Review: {clean(text)}\nSentiment: {LABEL_WORDS[label]}\n\n"
 
 
 def build_prompt(text, demonstrations=()):
     """The instruction, optional solved examples (few-shot prompting), then the review to classify."""
     shots = "".join(demonstration(t, y) for t, y in demonstrations)
-    return f"{INSTRUCTION}\n\n{shots}Review: {text.strip()}\nSentiment:"
+    return f"{INSTRUCTION}\n\n{shots}Review: {clean(text)}\nSentiment:"
 
 
 def encode_prompt(enc, text, max_tokens, demonstrations=()):
@@ -37,7 +42,7 @@ def encode_prompt(enc, text, max_tokens, demonstrations=()):
     ids = enc.encode(build_prompt(text, demonstrations))
     if len(ids) <= max_tokens:
         return ids
-    review = enc.encode(text.strip())
+    review = enc.encode(clean(text))
     overflow = len(ids) - max_tokens
     if overflow >= len(review):
         raise ValueError(f"the prompt without its review is longer than {max_tokens} tokens; raise block_size")
@@ -54,9 +59,10 @@ def load_splits(dataset, splits=("train", "validation")):
     datasets.logging.set_verbosity_error()
     try:
         data = datasets.load_dataset(dataset)
-    except Exception as e:  # datasets raises many types for "not there"
+    except Exception as e:  # datasets raises many types for "not there" and "not readable"
         where = "local directory" if os.path.isdir(dataset) else "hub id or local directory"
-        raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}") from None
+        cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
+        raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}{cause}") from None
     for split in splits:
         if split not in data:
             raise ValueError(f"data set '{dataset}' has no '{split}' split (it has: {', '.join(data)})")
@@ -95,7 +101,7 @@ class CustomDataLoader:
         """Adds instr_tuned_text (prompt + " label" + end-of-text) and its token ids to a record."""
         label = rec["label"]
         if label not in (0, 1):
-            raise ValueError(f"label {label!r} of review {rec['text'][:40]!r} is not 0 (negative) or 1 (positive)")
+            raise ValueError(f"label {label!r} of review {clean(rec['text'])[:40]!r} is not 0 (negative) or 1 (positive)")
         answer = self.tokenizer.encode(" " + LABEL_WORDS[label]) + [self.tokenizer.eot_token]
         # inputs are the text minus its last token, so the prompt may use block_size + 1 - |answer| tokens
         prompt = encode_prompt(self.tokenizer, rec["text"], self.block_size + 1 - len(answer))

@@ -45,7 +45,7 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-from configurator import ConfigError, configure  # noqa: E402
+from configurator import ConfigError, configure, run_cli  # noqa: E402
 
 
 def plan(c):
@@ -208,7 +208,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli(main, sys.argv[1:]))

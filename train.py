@@ -15,7 +15,9 @@ The settings below are the defaults; a config file and --key=value flags overrid
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -70,7 +72,15 @@ seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-from configurator import ConfigError, configure  # noqa: E402
+from configurator import ConfigError, configure, run_cli  # noqa: E402
+
+# Ctrl-C (or Colab's stop button) ends a run at the next step boundary, with a checkpoint
+INTERRUPTED = threading.Event()
+
+
+def on_sigint(signum, frame):
+    INTERRUPTED.set()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
 def check_settings(c):
@@ -95,10 +105,10 @@ def check_settings(c):
             raise ConfigError(message)
 
 
-def as_config_error(load, *args):
-    """load(*args), its ValueError (a missing or malformed model, checkpoint or data set) as a ConfigError."""
+def as_config_error(load, *args, **kwargs):
+    """load(...), its ValueError (a missing or malformed model, checkpoint or data set) as a ConfigError."""
     try:
-        return load(*args)
+        return load(*args, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -254,10 +264,10 @@ def main(argv):
 
     enc = tiktoken.get_encoding('gpt2')
     data = as_config_error(load_splits, c.dataset)
-    train_loader = CustomDataLoader(data['train'], enc, c.batch_size, raw_model.config.block_size, c.loss_on,
-                                    seed=c.seed, rank=rank, world_size=world)
-    val_loader = CustomDataLoader(data['validation'], enc, c.batch_size, raw_model.config.block_size, c.loss_on,
-                                  seed=c.seed)
+    train_loader = as_config_error(CustomDataLoader, data['train'], enc, c.batch_size, raw_model.config.block_size,
+                                   c.loss_on, seed=c.seed, rank=rank, world_size=world)
+    val_loader = as_config_error(CustomDataLoader, data['validation'], enc, c.batch_size, raw_model.config.block_size,
+                                 c.loss_on, seed=c.seed)
 
     def set_dropout(on):
         # not model.eval(): merging LoRA into W and taking it out again rounds W a little every time
@@ -321,6 +331,7 @@ def main(argv):
         }, ckpt_path)
 
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    interrupted = False
     t_start = time.time()
     start_iter = iter_num
     saved = False
@@ -331,6 +342,9 @@ def main(argv):
         last = iter_num == c.max_iters or c.eval_only
         if master and (last or iter_num % c.eval_interval == 0) and (iter_num > start_iter or not resume or c.eval_only):
             losses = estimate_loss()
+            if not all(map(math.isfinite, losses.values())):
+                raise FloatingPointError(f"the loss became non-finite before iteration {iter_num}; the last good "
+                                         f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
             rec = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
                        elapsed_s=round(elapsed0 + time.time() - t_start, 3))
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -356,43 +370,58 @@ def main(argv):
         batches = [train_loader.get_batch(iter_num * c.gradient_accumulation_steps + m)
                    for m in range(c.gradient_accumulation_steps)]
         counts = [int((y != -1).sum()) for _, y in batches]
-        n_step = torch.tensor(float(sum(counts)))
+        # one all-reduce carries the step's target tokens and whether any rank was interrupted
+        step_info = torch.tensor([float(sum(counts)), float(INTERRUPTED.is_set())])
         if ddp:
-            torch.distributed.all_reduce(n_step)
+            torch.distributed.all_reduce(step_info)
+        if step_info[1] > 0:
+            interrupted = True
+            break
+        n_step = step_info[0].item()
         torch.manual_seed(c.seed + 1000 * rank + iter_num)  # dropout masks depend on the iteration alone
         loss_sum, n_tokens = 0.0, 0
-        for m, ((x, y), n) in enumerate(zip(batches, counts)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if ddp:
-                model.require_backward_grad_sync = m == len(batches) - 1
-            with ctx:
-                _, loss = model(x, y, targets_only=True)
-            scaler.scale(loss * (n * world / n_step.item())).backward()
-            loss_sum += loss.item() * n
-            n_tokens += int((x != enc.eot_token).sum())
+        try:
+            for m, ((x, y), n) in enumerate(zip(batches, counts)):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if ddp:
+                    model.require_backward_grad_sync = m == len(batches) - 1
+                with ctx:
+                    _, loss = model(x, y, targets_only=True)
+                scaler.scale(loss * (n * world / n_step)).backward()
+                loss_sum += loss.item() * n
+                n_tokens += int((x != enc.eot_token).sum())
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size="
+                              f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
+                              f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
+        lossf = loss_sum / max(1, sum(counts))
+        # float16's scaler skips steps with inf/NaN gradients by design; anything else non-finite is divergence
+        if not math.isfinite(lossf) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
+            raise FloatingPointError(f"{'loss' if not math.isfinite(lossf) else 'gradient norm'} became non-finite "
+                                     f"at iteration {iter_num}; the last good checkpoint in {c.out_dir} is kept; "
+                                     f"lower --learning_rate, or use --dtype=float32")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        lossf = loss_sum / max(1, sum(counts))
-        if not math.isfinite(lossf):
-            raise FloatingPointError(f"loss became {lossf} at iteration {iter_num}; the last good checkpoint "
-                                     f"in {c.out_dir} is kept; lower --learning_rate or use --dtype=float32")
         dt = time.time() - t0
         if master and iter_num % c.log_interval == 0:
             print(f"iter {iter_num}: loss {lossf:.4f}, grad norm {grad_norm.item():.6f}, lr {lr:.2e}, "
                   f"time {dt * 1000:.0f}ms, {n_tokens * world / dt:,.0f} tokens/s")
 
+    if interrupted and master:
+        save_checkpoint(iter_num)
+        print(f"interrupted: saved checkpoint at iteration {iter_num} to {ckpt_path}; "
+              f"continue with --init_from=resume --out_dir={c.out_dir}")
     if c.wandb_log and master:
         wandb.finish()
     if ddp:
         torch.distributed.destroy_process_group()
+    return 130 if interrupted else 0
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.exit(run_cli(main, sys.argv[1:], errors=(FloatingPointError,)))
