@@ -17,13 +17,13 @@ generate one at a time.
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import LoRALinear
+from lora import LoRALinear, lora_state_dict
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -345,11 +345,24 @@ def load_checkpoint(path, device="cpu"):
                          f"corrupted, or hold objects other than tensors") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
         raise ValueError(f"{path} is not a train.py checkpoint (it needs 'model' and 'model_args')")
+    # torch.compile and DDP prefix the parameter names
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        # torch.compile and DDP prefix the parameter names
-        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v
-                               for k, v in ckpt["model"].items()})
+        if ckpt.get("adapter_only"):  # only the LoRA tensors: the rest is the base model the run started from
+            args = ckpt["model_args"]
+            model = GPT.from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE})
+            if args["block_size"] < model.config.block_size:
+                model.crop_block_size(args["block_size"])
+            if asdict(model.config) != args:
+                raise ValueError(f"the adapter in {path} was trained on a model shaped {args}, but "
+                                 f"{ckpt['base_model']} is shaped {asdict(model.config)}")
+            missing = set(lora_state_dict(model)) ^ set(state)
+            if missing:
+                raise RuntimeError(f"adapter tensors differ from the model's, e.g. {sorted(missing)[0]}")
+            model.load_state_dict(state, strict=False)
+        else:
+            model = GPT(GPTConfig(**ckpt["model_args"]))
+            model.load_state_dict(state)
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
     return model, ckpt

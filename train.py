@@ -35,6 +35,7 @@ eval_iters = 20  # batches per loss estimate
 log_interval = 10
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # save at every evaluation, not only when validation loss improves
+checkpoint = 'full'  # 'full': the whole model; 'adapter': LoRA tensors only (MBs), the base model is reloaded from init_from
 # Weights & Biases
 wandb_log = False
 wandb_project = 'gpt2-lora'
@@ -97,6 +98,9 @@ def check_settings(c):
         (c.learning_rate <= 0, f"learning_rate must be > 0, not {c.learning_rate}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
+        (c.checkpoint not in ("full", "adapter"), f"checkpoint must be 'full' or 'adapter', not {c.checkpoint!r}"),
+        (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
+         "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
         (c.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"dtype must be auto, float32, bfloat16 or float16, not {c.dtype!r}"),
     ]
@@ -176,7 +180,7 @@ def main(argv):
     check_settings(c)
     import tiktoken
     from dataloader import CustomDataLoader, load_splits
-    from lora import LoRALinear, mark_only_lora_as_trainable
+    from lora import LoRALinear, lora_state_dict, mark_only_lora_as_trainable
     from model import GPT, GPTConfig, load_checkpoint, parameter_summary
 
     # distributed data parallel when launched by torchrun
@@ -221,6 +225,8 @@ def main(argv):
         iter_num, best_val_loss, elapsed0 = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('elapsed_s', 0.0)
         for k in ('lora_rank', 'lora_alpha', 'lora_dropout', 'dropout'):
             setattr(c, k, getattr(model.config, k))  # the run's model, not this command line's defaults
+        if ckpt.get('adapter_only'):
+            c.checkpoint = 'adapter'
         if master:
             print(f"resuming {ckpt_path} at iteration {iter_num} (base model {base_model}, lora_rank={c.lora_rank})")
     elif c.init_from == 'scratch':
@@ -319,7 +325,9 @@ def main(argv):
 
     def save_checkpoint(it):
         save_atomic({
-            'model': raw_model.state_dict(),  # un-merged W plus lora_A/lora_B (see lora.py)
+            # un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone
+            'model': lora_state_dict(raw_model) if c.checkpoint == 'adapter' else raw_model.state_dict(),
+            'adapter_only': c.checkpoint == 'adapter',
             'model_args': asdict(raw_model.config),
             'optimizer': optimizer.state_dict(),
             **({'scaler': scaler.state_dict()} if scaler.is_enabled() else {}),

@@ -1,0 +1,175 @@
+"""
+Export a train.py run for use elsewhere, or import a PEFT adapter to evaluate here.
+
+    python export.py --out_dir=gpt-lora-default --format=hf     # merged model -> out_dir/hf
+    python export.py --out_dir=gpt-lora-default --format=peft   # LoRA weights -> out_dir/peft
+    python export.py --format=import_peft --adapter=path/to/adapter --out_dir=imported
+    python generate.py --init_from=resume --out_dir=imported
+
+hf: a transformers GPT-2 checkpoint (config.json, model.safetensors, and the tokenizer files when the
+base model's folder, the hub cache or --tokenizer_dir has them) with the LoRA update merged into the
+weights: GPT2LMHeadModel.from_pretrained(path) loads it.
+peft: a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) for the base model:
+PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path) loads it.
+import_peft: the reverse, for an adapter on GPT-2's attention c_attn / c_proj: writes an
+adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=resume) load.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+
+import torch
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the run to export (its ckpt.pt), or where an imported adapter's ckpt.pt goes
+format = 'hf'  # 'hf', 'peft' or 'import_peft'
+export_dir = ''  # where the export goes; '' means out_dir/hf or out_dir/peft
+tokenizer_dir = ''  # a folder with GPT-2's vocab.json and merges.txt, when the base model has none
+adapter = ''  # import_peft: the adapter folder
+init_from = ''  # import_peft: the base model; '' means the adapter's base_model_name_or_path
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+from configurator import ConfigError, configure, run_cli  # noqa: E402
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+PEFT_PREFIX = "base_model.model."
+PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"  # "c_proj" alone would also match the MLP's projection
+
+
+def hf_state_dict(model):
+    """The merged weights under transformers' GPT-2 names, Conv1D weights as (in, out)."""
+    was_training = model.training
+    model.eval()  # merge LoRA into W
+    state = {}
+    for k, v in model.named_parameters():
+        if k.endswith(("lora_A", "lora_B")) or k == "lm_head.weight":  # lm_head is tied to wte
+            continue
+        state[k] = (v.t() if k.endswith(CONV1D) else v).detach().contiguous().clone()
+    model.train(was_training)
+    return state
+
+
+def hf_config(config):
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
+            "n_inner": None, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0, "resid_pdrop": 0.0, "bos_token_id": 50256, "eos_token_id": 50256,
+            "tie_word_embeddings": True, "scale_attn_weights": True, "use_cache": True, "torch_dtype": "float32"}
+
+
+def copy_tokenizer(base_model, tokenizer_dir, dest):
+    """Copy GPT-2's tokenizer files from tokenizer_dir, the base model's folder or the hub cache."""
+    def find(name):
+        for folder in (tokenizer_dir, base_model):
+            if folder and os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        if base_model and not os.path.isdir(base_model):
+            try:
+                from huggingface_hub import hf_hub_download
+                return hf_hub_download(base_model, name)
+            except Exception:  # not on the hub, or offline and not cached: the export works without it
+                return None
+        return None
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = find(name)
+        if path:
+            shutil.copyfile(path, os.path.join(dest, name))
+            copied.append(name)
+    return copied
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def export_hf(model, base_model, dest, tokenizer_dir=''):
+    from safetensors.torch import save_file
+    os.makedirs(dest, exist_ok=True)
+    write_json(hf_config(model.config), os.path.join(dest, "config.json"))
+    save_file(hf_state_dict(model), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    return copy_tokenizer(base_model, tokenizer_dir, dest)
+
+
+def export_peft(model, base_model, dest):
+    from safetensors.torch import save_file
+    cfg = model.config
+    if cfg.lora_rank == 0:
+        raise ConfigError("this run has no LoRA (lora_rank=0): export it with --format=hf")
+    os.makedirs(dest, exist_ok=True)
+    write_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "target_modules": PEFT_TARGETS, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
+                "init_lora_weights": True, "use_rslora": False, "modules_to_save": None},
+               os.path.join(dest, "adapter_config.json"))
+    # PEFT keeps A as Linear(in, r) and B as Linear(r, out) even around Conv1D: the same shapes as here
+    state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone()
+             for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+    save_file(state, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def import_peft(adapter_dir, base_model, dest):
+    """An adapter-only ckpt.pt in dest from a PEFT LoRA adapter of GPT-2's attention."""
+    from safetensors.torch import load_file
+
+    from model import GPT
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    if acfg.get("peft_type") != "LORA" or acfg.get("use_rslora") or acfg.get("use_dora"):
+        raise ConfigError(f"{adapter_dir} is not a plain LoRA adapter (peft_type {acfg.get('peft_type')})")
+    base_model = base_model or acfg.get("base_model_name_or_path")
+    r, alpha = acfg["r"], float(acfg["lora_alpha"])
+    state = {}
+    for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
+        name = k.removeprefix(PEFT_PREFIX).removesuffix(".weight").removesuffix(".default")
+        if not name.endswith(("attn.c_attn.lora_A", "attn.c_attn.lora_B", "attn.c_proj.lora_A", "attn.c_proj.lora_B")):
+            raise ConfigError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj can be imported")
+        state[name] = v.float()
+    model = GPT.from_pretrained(base_model, dict(lora_rank=r, lora_alpha=alpha,
+                                                 lora_dropout=float(acfg.get("lora_dropout", 0.0))))
+    for k, v in model.state_dict().items():  # layers the adapter leaves out keep B = 0: no change
+        if k.endswith(("lora_A", "lora_B")) and k not in state:
+            state[k] = v
+    model.load_state_dict(state, strict=False)
+    os.makedirs(dest, exist_ok=True)
+    from train import save_atomic
+    save_atomic({"model": state, "adapter_only": True, "model_args": asdict(model.config), "iter_num": 0,
+                 "base_model": base_model, "config": {"imported_from": adapter_dir}},
+                os.path.join(dest, "ckpt.pt"))
+    return model
+
+
+def main(argv):
+    c = configure(DEFAULTS, argv)
+    from model import load_checkpoint
+    from train import as_config_error
+    if c['format'] == 'import_peft':
+        if not c['adapter']:
+            raise ConfigError("import_peft needs --adapter=path/to/adapter_folder")
+        as_config_error(import_peft, c['adapter'], c['init_from'], c['out_dir'])
+        print(f"wrote {os.path.join(c['out_dir'], 'ckpt.pt')}; evaluate it with "
+              f"python generate.py --init_from=resume --out_dir={c['out_dir']}")
+        return
+    if c['format'] not in ('hf', 'peft'):
+        raise ConfigError(f"format must be 'hf', 'peft' or 'import_peft', not {c['format']!r}")
+    model, ckpt = as_config_error(load_checkpoint, os.path.join(c['out_dir'], 'ckpt.pt'))
+    dest = c['export_dir'] or os.path.join(c['out_dir'], c['format'])
+    base_model = ckpt.get('base_model', '')
+    if c['format'] == 'hf':
+        copied = export_hf(model, base_model, dest, c['tokenizer_dir'])
+        print(f"wrote a transformers GPT-2 checkpoint to {dest}"
+              + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found: pass --tokenizer_dir)"))
+    else:
+        export_peft(model, base_model, dest)
+        print(f"wrote a PEFT adapter for {base_model} to {dest}")
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main, sys.argv[1:]))
