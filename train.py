@@ -166,7 +166,8 @@ def plot_losses(records, path):
     ax.plot(its, [r['train_loss'] for r in records], 'o-', label='train')
     ax.plot(its, [r['val_loss'] for r in records], 's-', label='validation')
     ax.set_xlabel('iteration')
-    ax.set_ylabel('loss')
+    ax.set_ylabel('loss (log scale)')
+    ax.set_yscale('log')
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(path))))
     ax.legend()
     ax.grid(alpha=0.3)
@@ -425,6 +426,7 @@ def main(argv):
               f"continue with --init_from=resume --out_dir={c.out_dir}")
     if c.wandb_log and master:
         wandb.finish()
+        wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
     if ddp:
         torch.distributed.destroy_process_group()
     return 130 if interrupted else 0

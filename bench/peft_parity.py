@@ -43,11 +43,20 @@ def train_peft(c, loader):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
     torch.manual_seed(c.seed)
-    base = GPT2LMHeadModel.from_pretrained(c.init_from)
+    base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
     # "c_proj" also names the MLP's output projection: name the attention's explicitly
     config = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0, fan_in_fan_out=True,
                         target_modules=r".*\.attn\.(c_attn|c_proj)", bias="none")
     model = get_peft_model(base, config)
+    # start from the very A matrices train.py started from (same seed, same construction)
+    from model import GPT
+    torch.manual_seed(c.seed)
+    ours = GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha))
+    peft_params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in ours.state_dict().items():
+            if k.endswith(('lora_A', 'lora_B')):
+                peft_params[f"base_model.model.{k}.default.weight"].copy_(v)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
@@ -74,6 +83,17 @@ def lr_at(c, it):
         return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
     ratio = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+@torch.no_grad()
+def hf_val_loss(model, val_loader, eval_iters):
+    """train.py's validation loss (the same batches, token-weighted) for a transformers model."""
+    total, count = 0.0, 0
+    for _, (x, y) in zip(range(eval_iters), val_loader):
+        keep = y != -1
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits[keep], y[keep])
+        total, count = total + loss.item() * int(keep.sum()), count + int(keep.sum())
+    return total / count
 
 
 @torch.no_grad()
@@ -115,6 +135,8 @@ def main(argv):
     ours_train_s = time.time() - t0
     sampler = ModelSampler(init_from='resume', out_dir=c.out_dir, **common)
     ours, _, _ = sampler.get_accuracy()
+    with open(os.path.join(c.out_dir, 'metrics.jsonl')) as f:
+        ours_val = [json.loads(line) for line in f][-1]['val_loss']
 
     data = load_splits(c.dataset)
     loader = CustomDataLoader(data['train'], tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=c.loss_on,
@@ -123,8 +145,12 @@ def main(argv):
     peft_model = train_peft(c, loader)
     peft_train_s = time.time() - t0
     theirs = hf_accuracy(peft_model, sampler)
+    val_loader = CustomDataLoader(data['validation'], tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=c.loss_on,
+                                  seed=c.seed)
+    peft_val = hf_val_loss(peft_model, val_loader, 10)
 
     result = dict(ours_accuracy=ours, peft_accuracy=theirs, difference_points=round(100 * (ours - theirs), 2),
+                  ours_val_loss=ours_val, peft_val_loss=peft_val,
                   ours_train_s=round(ours_train_s, 1), peft_train_s=round(peft_train_s, 1),
                   n_test=len(sampler.records), settings=vars(c))
     print(json.dumps(result, indent=2))
