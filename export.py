@@ -21,7 +21,6 @@ import shutil
 import sys
 from dataclasses import asdict
 
-import torch
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export (its ckpt.pt), or where an imported adapter's ckpt.pt goes

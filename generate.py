@@ -43,7 +43,7 @@ dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 from configurator import ConfigError, configure, run_cli  # noqa: E402
-from dataloader import LABEL_WORDS, build_prompt, encode_prompt, load_splits  # noqa: E402
+from dataloader import LABEL_WORDS, encode_prompt, load_splits  # noqa: E402
 
 LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
 

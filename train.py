@@ -64,7 +64,7 @@ grad_clip = 1.0  # 0 disables clipping
 decay_lr = True  # cosine decay to min_lr after warmup
 warmup_iters = 20
 lr_decay_iters = 0  # iteration where the decay ends; 0: max_iters
-min_lr = 5e-5
+min_lr = 0.0  # where the decay ends; 0: learning_rate / 10
 # system
 device = 'auto'  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 (+ gradient scaler) on older ones, else float32
@@ -217,6 +217,8 @@ def main(argv):
         except OSError as e:
             raise ConfigError(f"cannot write to out_dir '{c.out_dir}': {e.strerror}; pick another --out_dir") from None
 
+    data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
+
     # model: pretrained, resumed or new; then which parameters train
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
     iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
@@ -231,7 +233,7 @@ def main(argv):
         if master:
             print(f"resuming {ckpt_path} at iteration {iter_num} (base model {base_model}, lora_rank={c.lora_rank})")
     elif c.init_from == 'scratch':
-        model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+        model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024,
                               dropout=c.dropout, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                               lora_dropout=c.lora_dropout))
         base_model = 'scratch'
@@ -270,7 +272,6 @@ def main(argv):
         model = DDP(model, device_ids=[device] if device.startswith('cuda') else None)
 
     enc = tiktoken.get_encoding('gpt2')
-    data = as_config_error(load_splits, c.dataset)
     train_loader = as_config_error(CustomDataLoader, data['train'], enc, c.batch_size, raw_model.config.block_size,
                                    c.loss_on, seed=c.seed, rank=rank, world_size=world)
     val_loader = as_config_error(CustomDataLoader, data['validation'], enc, c.batch_size, raw_model.config.block_size,
@@ -304,7 +305,8 @@ def main(argv):
             return c.learning_rate
         decay_iters = max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters)
         ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
-        return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+        min_lr = c.min_lr or c.learning_rate / 10
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - min_lr)
 
     config = {k: getattr(c, k) for k in DEFAULTS}
     metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')

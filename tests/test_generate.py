@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import train
 from conftest import DATA, STANDIN, needs_data, needs_standin
 from generate import ModelSampler, few_shot_demonstrations, main, parse_label
 from lora import mark_only_lora_as_trainable

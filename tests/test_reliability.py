@@ -1,5 +1,4 @@
 """Bad input is one clear line and a non-zero exit; killed or interrupted runs lose nothing; loading is safe."""
-import os
 import signal
 import subprocess
 import sys
