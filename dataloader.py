@@ -79,11 +79,12 @@ class CustomDataLoader:
     """
     Batches of instruction-tuned reviews. get_batch(i) is a pure function of (seed, i, rank): a run
     that resumes at iteration i sees the batches it would have seen. Each epoch is a fresh seeded
-    shuffle; with world_size > 1 the ranks split one global batch of world_size * batch_size.
+    shuffle, grouped so that a batch holds reviews of similar length (bucket); with world_size > 1
+    the ranks split one global batch of world_size * batch_size.
     """
 
     def __init__(self, dataset, tokenizer, batch_size=8, block_size=1024, loss_on="label", shuffle=True,
-                 seed=1337, rank=0, world_size=1):
+                 seed=1337, rank=0, world_size=1, bucket=32):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, not '{loss_on}'")
         self.tokenizer = tokenizer
@@ -92,6 +93,7 @@ class CustomDataLoader:
         self.loss_on = loss_on
         self.shuffle = shuffle
         self.seed = seed
+        self.bucket = bucket  # batches of similar length come from windows of this many batches; 0: off
         self.rank = rank
         self.world_size = world_size
         self.records = [self._add_instruction_finetuning(dict(rec)) for rec in dataset]
@@ -116,19 +118,47 @@ class CustomDataLoader:
 
     def _order(self, epoch):
         if epoch not in self._orders:
+            n = len(self.records)
+            order = list(range(n))
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed + epoch)
-                self._orders = {epoch: torch.randperm(len(self.records), generator=g).tolist()}
-            else:
-                self._orders = {epoch: list(range(len(self.records)))}
+                order = torch.randperm(n, generator=g).tolist()
+                if self.bucket:
+                    order = self._bucketed(order, g)
+            self._orders = {epoch: order}
         return self._orders[epoch]
+
+    def _bucketed(self, order, g):
+        """Sort each window of `bucket` global batches by length, then shuffle the batches within it:
+        a batch then holds reviews of similar length and little of it is padding."""
+        G = self.batch_size * self.world_size
+        out = []
+        for s in range(0, len(order), G * self.bucket):
+            part = sorted(order[s:s + G * self.bucket], key=lambda j: len(self.records[j]["ids"]))
+            batches = [part[j:j + G] for j in range(0, len(part), G)]
+            full = [b for b in batches if len(b) == G]
+            for k in torch.randperm(len(full), generator=g).tolist():
+                out += full[k]
+            out += [j for b in batches if len(b) < G for j in b]  # a short last batch stays last
+        return out
+
+    def padding_share(self, n_batches=100):
+        """Share of the input tokens of the first n_batches batches that are padding."""
+        real = total = 0
+        for i in range(n_batches):
+            x, _ = self.get_batch(i)
+            real += sum(min(len(self.records[j]["ids"]) - 1, x.size(1)) for j in self._picks(i))
+            total += x.numel()
+        return 1 - real / total
 
     def get_batch(self, i):
         """This rank's share of global batch i (an endless stream over the epochs)."""
+        return self.collate([self.records[j] for j in self._picks(i)])
+
+    def _picks(self, i):
         n, B = len(self.records), self.batch_size
         start = (i * self.world_size + self.rank) * B
-        picks = [self._order(k // n)[k % n] for k in range(start, start + B)]
-        return self.collate([self.records[j] for j in picks])
+        return [self._order(k // n)[k % n] for k in range(start, start + B)]
 
     def __iter__(self):
         """One pass over the data in order, this rank's share, the last batch possibly smaller."""

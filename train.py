@@ -45,6 +45,7 @@ dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directo
 loss_on = 'label'  # 'label': learn the answer only; 'all': the whole text, as the handout does
 batch_size = 16
 gradient_accumulation_steps = 1
+bucket = 32  # batch reviews of similar length, drawn from windows of this many batches (little padding); 0: random batches
 block_size = 0  # longest text in tokens (reviews beyond it are shortened); 0: the model's context
 # model
 lora_rank = 128  # 0: full fine-tuning
@@ -92,6 +93,7 @@ def check_settings(c):
         (not 0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), not {c.lora_dropout}"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
+        (c.bucket < 0, f"bucket must be >= 0 (0 turns length bucketing off), not {c.bucket}"),
         (c.gradient_accumulation_steps < 1, f"gradient_accumulation_steps must be >= 1, not {c.gradient_accumulation_steps}"),
         (c.max_iters < 1 and not c.eval_only, f"max_iters must be >= 1, not {c.max_iters}"),
         (min(c.eval_interval, c.eval_iters, c.log_interval) < 1, "eval_interval, eval_iters and log_interval must be >= 1"),
@@ -273,9 +275,9 @@ def main(argv):
 
     enc = tiktoken.get_encoding('gpt2')
     train_loader = as_config_error(CustomDataLoader, data['train'], enc, c.batch_size, raw_model.config.block_size,
-                                   c.loss_on, seed=c.seed, rank=rank, world_size=world)
+                                   c.loss_on, seed=c.seed, rank=rank, world_size=world, bucket=c.bucket)
     val_loader = as_config_error(CustomDataLoader, data['validation'], enc, c.batch_size, raw_model.config.block_size,
-                                 c.loss_on, seed=c.seed)
+                                 c.loss_on, seed=c.seed, bucket=c.bucket)
 
     def set_dropout(on):
         # not model.eval(): merging LoRA into W and taking it out again rounds W a little every time

@@ -113,3 +113,17 @@ def test_missing_split_column_or_label(tmp_path, reviews):
         CustomDataLoader([{"text": "fine", "label": 2}], ENC)
     with pytest.raises(ValueError, match="cannot load data set"):
         load_splits(str(tmp_path / "nowhere"))
+
+
+def test_length_bucketing_keeps_padding_low():
+    import random
+    rng = random.Random(0)
+    words = ["good", "bad", "remarkably", "tedious", "film", "a", "the", "performance", "story"]
+    recs = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 60))), "label": i % 2}
+            for i in range(2000)]
+    plain = CustomDataLoader(recs, ENC, batch_size=16, bucket=0)
+    bucketed = CustomDataLoader(recs, ENC, batch_size=16)
+    assert plain.padding_share(60) > 0.25
+    assert bucketed.padding_share(60) < 0.05
+    epoch = [j for i in range(125) for j in bucketed._picks(i)]
+    assert sorted(epoch) == list(range(2000))  # still every review once an epoch

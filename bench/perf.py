@@ -1,0 +1,316 @@
+"""
+Speed and memory of this repository against Hugging Face transformers + PEFT, measured side by side
+in one run on the same machine, weights, batches and settings. Writes bench/results.md and
+bench/results.json.
+
+    python bench/perf.py                                  # everything, on this machine's CPU or GPU
+    python bench/perf.py --only=train,eval --rounds=5     # a part, fewer rounds
+
+1. train: a LoRA training step (forward, backward, AdamW) on GPT-2 124M shapes with random weights,
+   rank 16 on the attention c_attn and c_proj, batch 16 of Rotten Tomatoes reviews, against
+   GPT2LMHeadModel + PEFT; loss on all tokens, and on the label only. Both start from the same
+   weights and LoRA matrices, and their first losses are checked equal before anything is timed.
+2. eval: reviews per second of generate.py (greedy, max_new_tokens=5) against transformers'
+   generate on the same prompts, batches and weights; and of generate.py's score mode.
+3. latency: forward latency of a merged LoRA model against the model without LoRA (question 2.1).
+4. memory: peak memory of LoRA r=128 training against full fine-tuning, gpt2-medium shapes (each in
+   its own process: RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+5. flops: achieved FLOP/s of our training step as a share of this machine's matmul peak (measured
+   here), and the share of computed tokens that are padding.
+6. bf16: our training step with bfloat16 autocast against float32 (where the hardware has it).
+
+Timings alternate between the contenders round after round and report medians, so a busy machine
+slows both alike.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# -----------------------------------------------------------------------------
+only = 'train,eval,latency,memory,flops,bf16'
+dataset = 'cornell-movie-review-data/rotten_tomatoes'
+eval_model = 'gpt2'  # weights for the evaluation benchmark (real weights, so generations end naturally)
+rounds = 7
+batch_size = 16
+eval_reviews = 256
+eval_batch_size = 32
+device = 'auto'
+seed = 1337
+memory_model = 'gpt2-medium'
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+def timed_rounds(fns, rounds, sync):
+    """Median seconds of each function, called in turns, after one warm-up call each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gpt2_small_pair(dev, rank=16, seed=1337):
+    """Our LoRA GPT and a transformers + PEFT GPT-2, 124M shapes, the same random weights and LoRA A."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora import mark_only_lora_as_trainable
+    from model import GPT
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
+    path = tempfile.mkdtemp()
+    hf.save_pretrained(path)
+    ours = mark_only_lora_as_trainable(GPT.from_pretrained(path, dict(lora_rank=rank, lora_alpha=2.0 * rank)))
+    peft = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, fan_in_fan_out=True,
+                                         target_modules=r".*\.attn\.(c_attn|c_proj)"))
+    params = dict(peft.named_parameters())
+    with torch.no_grad():
+        for k, v in ours.state_dict().items():
+            if k.endswith(("lora_A", "lora_B")):
+                params[f"base_model.model.{k}.default.weight"].copy_(v)
+    return ours.to(dev).train(), peft.to(dev).train()
+
+
+def bench_train(c, dev, sync, records):
+    import tiktoken
+
+    from dataloader import CustomDataLoader
+    ours, peft = gpt2_small_pair(dev)
+    opt_ours = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+    opt_peft = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                                 weight_decay=0.0)
+    out = {}
+    for loss_on in ('all', 'label'):
+        loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on=loss_on, seed=c['seed'])
+        x, y = (t.to(dev) for t in loader.get_batch(0))
+        keep = y != -1
+
+        def step_ours():
+            _, loss = ours(x, y, targets_only=True)
+            loss.backward()
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+            return loss
+
+        def step_peft():
+            # the usual transformers way: logits of every position, then the loss where a target is
+            logits = peft(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+            loss.backward()
+            opt_peft.step()
+            opt_peft.zero_grad(set_to_none=True)
+            return loss
+
+        with torch.no_grad():
+            a, b = ours(x, y, targets_only=True)[1].item(), torch.nn.functional.cross_entropy(
+                peft(input_ids=x).logits[keep], y[keep]).item()
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a)), f"initial losses differ: {a} vs {b}"
+        t = timed_rounds({'ours': step_ours, 'peft': step_peft}, c['rounds'], sync)
+        tokens = int((x != 50256).sum())
+        out[loss_on] = dict(initial_loss=a, tokens=tokens, ours_tokens_per_s=tokens / t['ours'],
+                            peft_tokens_per_s=tokens / t['peft'], ratio=t['peft'] / t['ours'])
+    return out
+
+
+def bench_eval(c, dev, sync, records):
+    from transformers import GPT2LMHeadModel
+
+    from generate import ModelSampler
+    kw = dict(init_from=c['eval_model'], dataset=c['dataset'], device=dev, num_samples=c['eval_reviews'],
+              batch_size=c['eval_batch_size'], dtype='float32')
+    gen, score = ModelSampler(**kw), ModelSampler(mode='score', **kw)
+    hf = GPT2LMHeadModel.from_pretrained(c['eval_model']).to(dev).eval()
+    prompts = sorted((gen.prompt_ids(r['text']) for r in gen.records), key=len)  # as generate.py batches them
+    eot = gen.enc.eot_token
+
+    def hf_generate():
+        with torch.no_grad():
+            for s in range(0, len(prompts), gen.batch_size):
+                idx, mask = gen._left_pad(prompts[s:s + gen.batch_size])
+                hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=gen.max_new_tokens, do_sample=False,
+                            pad_token_id=eot)
+    t = timed_rounds({'ours': lambda: gen.predictions(progress=False), 'hf': hf_generate,
+                      'score': lambda: score.predictions(progress=False)}, max(1, c['rounds'] // 3), sync)
+    n = len(prompts)
+    return dict(reviews=n, ours_reviews_per_s=n / t['ours'], hf_reviews_per_s=n / t['hf'],
+                score_reviews_per_s=n / t['score'], generate_ratio=t['hf'] / t['ours'], score_ratio=t['hf'] / t['score'])
+
+
+def bench_latency(c, dev):
+    from bench.merge_latency import main as latency
+    return latency([f"--device={dev}", "--model=gpt2", "--lora_rank=128", f"--rounds={max(10, c['rounds'])}"])
+
+
+MEMORY_CHILD = r'''
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+from lora import mark_only_lora_as_trainable
+from model import GPT, GPTConfig, PRETRAINED_SHAPES
+rank, dev = {rank}, {dev!r}
+torch.manual_seed(0)
+m = GPT(GPTConfig(**PRETRAINED_SHAPES[{model!r}], lora_rank=rank, lora_alpha=4.0 * max(rank, 1))).to(dev)
+if rank:
+    mark_only_lora_as_trainable(m)
+opt = m.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+x = torch.randint(0, 50257, (8, 64), device=dev)
+for _ in range(2):
+    m(x, x, targets_only=True)[1].backward(); opt.step(); opt.zero_grad(set_to_none=True)
+peak = torch.cuda.max_memory_allocated() if dev.startswith('cuda') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(peak_bytes=peak)))
+'''
+
+
+def bench_memory(c, dev):
+    out = {}
+    for name, rank in (('lora_r128', 128), ('full', 0)):
+        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c['memory_model'])
+        p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+        out[name + '_peak_bytes'] = json.loads(p.stdout.strip().splitlines()[-1])['peak_bytes']
+    out['ratio'] = out['lora_r128_peak_bytes'] / out['full_peak_bytes']
+    return out
+
+
+def bench_flops(c, dev, sync, records):
+    import tiktoken
+
+    from dataloader import CustomDataLoader
+    n = 2048
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    peak_t = timed_rounds({'mm': lambda: a @ b}, c['rounds'], sync)['mm']
+    peak = 2 * n ** 3 / peak_t
+    ours, _ = gpt2_small_pair(dev)
+    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on='label', seed=c['seed'])
+    x, y = (t.to(dev) for t in loader.get_batch(0))
+    opt = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+
+    def step():
+        ours(x, y, targets_only=True)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = timed_rounds({'step': step}, c['rounds'], sync)['step']
+    # matmul FLOPs of a LoRA step, label-only loss: the body forward (2N per token) and its backward
+    # to the activations (2N per token; frozen weights need no weight gradient), the LM head only on
+    # targets, attention scores, and the LoRA matrices' own small products
+    cfg = ours.config
+    B, T = x.shape
+    body = 12 * cfg.n_layer * cfg.n_embd ** 2
+    head = cfg.vocab_size * cfg.n_embd
+    attn = 2 * cfg.n_layer * T * cfg.n_embd  # QK^T and AV per token (causal half counted as whole)
+    flops = 4 * B * T * (body + attn) + 4 * int((y != -1).sum()) * head
+    return dict(matmul_peak_flops=peak, step_flops_per_s=flops / t, share_of_peak=flops / t / peak,
+                padding_share_bucketed=loader.padding_share(100),
+                padding_share_unbucketed=CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'],
+                                                          seed=c['seed'], bucket=0).padding_share(100))
+
+
+def bench_bf16(c, dev, sync, records):
+    import tiktoken
+
+    from dataloader import CustomDataLoader
+    from train import autocast
+    ours, _ = gpt2_small_pair(dev)
+    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on='label', seed=c['seed'])
+    x, y = (t.to(dev) for t in loader.get_batch(0))
+
+    def step(dtype):
+        def run():
+            with autocast(dev, dtype):
+                loss = ours(x, y, targets_only=True)[1]
+            loss.backward()
+            ours.zero_grad(set_to_none=True)
+        return run
+    t = timed_rounds({'float32': step('float32'), 'bfloat16': step('bfloat16')}, c['rounds'], sync)
+    return dict(float32_s=t['float32'], bfloat16_s=t['bfloat16'], speedup=t['float32'] / t['bfloat16'])
+
+
+def write_results(res, c, argv, dev):
+    cmd = ' '.join(['python', 'bench/perf.py', *argv])
+    lines = [f"# Benchmarks: this repository against transformers + PEFT", "",
+             f"`{cmd}` on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}. Ratios are "
+             f"this repository over the peer (higher is better for speed, lower for memory and latency).", "",
+             "| benchmark | this repository | peer | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    if 'train' in res:
+        for k in ('all', 'label'):
+            r = res['train'][k]
+            lines.append(f"| LoRA r=16 training step, gpt2 shapes, loss on {k} tokens | {r['ours_tokens_per_s']:,.0f} tok/s | "
+                         f"{r['peft_tokens_per_s']:,.0f} tok/s (HF + PEFT) | {r['ratio']:.2f}x | {'>= 1.0x' if k == 'all' else '>= 1.5x'} |")
+    if 'eval' in res:
+        r = res['eval']
+        lines.append(f"| test accuracy, generate ({r['reviews']} reviews, {c['eval_model']}) | {r['ours_reviews_per_s']:.1f} reviews/s | "
+                     f"{r['hf_reviews_per_s']:.1f} reviews/s (transformers generate) | {r['generate_ratio']:.2f}x | >= 1.0x |")
+        lines.append(f"| test accuracy, score mode | {r['score_reviews_per_s']:.1f} reviews/s | "
+                     f"{r['hf_reviews_per_s']:.1f} reviews/s (transformers generate) | {r['score_ratio']:.2f}x | >= 4x |")
+    if 'latency' in res:
+        r = res['latency']
+        lines.append(f"| forward latency, LoRA r=128 merged (gpt2 shapes) | {r['LoRA merged']:.3f}x | 1.000x (no LoRA) | "
+                     f"{r['LoRA merged']:.3f}x | <= 1.03x |")
+        lines.append(f"| forward latency, LoRA r=128 un-merged | {r['LoRA un-merged']:.3f}x | 1.000x (no LoRA) | "
+                     f"{r['LoRA un-merged']:.3f}x | - |")
+    if 'memory' in res:
+        r = res['memory']
+        lines.append(f"| peak training memory, {c['memory_model']} shapes | {r['lora_r128_peak_bytes'] / 2**30:.2f} GiB (LoRA r=128) | "
+                     f"{r['full_peak_bytes'] / 2**30:.2f} GiB (full fine-tuning) | {r['ratio']:.2f}x | <= 0.4x |")
+    if 'flops' in res:
+        r = res['flops']
+        lines.append(f"| achieved FLOP/s of a LoRA training step | {r['step_flops_per_s'] / 1e9:.1f} GFLOP/s | "
+                     f"{r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (2048^2 matmul) | {r['share_of_peak']:.2f} | >= 0.5 |")
+        lines.append(f"| padding share of computed tokens | {r['padding_share_bucketed']:.3f} (length buckets) | "
+                     f"{r['padding_share_unbucketed']:.3f} (random batches) | - | <= 0.10 |")
+    if 'bf16' in res:
+        r = res['bf16']
+        lines.append(f"| training step (fwd+bwd), bfloat16 autocast vs float32 | {r['bfloat16_s'] * 1000:.0f} ms | "
+                     f"{r['float32_s'] * 1000:.0f} ms | {r['speedup']:.2f}x faster | pays off |")
+    with open(os.path.join(ROOT, 'bench', 'results.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(os.path.join(ROOT, 'bench', 'results.json'), 'w') as f:
+        json.dump(dict(command=cmd, device=dev, results=res), f, indent=2)
+    print('\n'.join(lines))
+
+
+def main(argv):
+    from configurator import configure
+    from dataloader import load_splits
+    from train import pick_device
+    c = configure(DEFAULTS, argv)
+    dev = pick_device(c['device'])
+    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+    records = load_splits(c['dataset'])['train']
+    res = {}
+    parts = c['only'].split(',')
+    for part in parts:
+        t0 = time.time()
+        if part == 'train':
+            res[part] = bench_train(c, dev, sync, records)
+        elif part == 'eval':
+            res[part] = bench_eval(c, dev, sync, records)
+        elif part == 'latency':
+            res[part] = bench_latency(c, dev)
+        elif part == 'memory':
+            res[part] = bench_memory(c, dev)
+        elif part == 'flops':
+            res[part] = bench_flops(c, dev, sync, records)
+        elif part == 'bf16':
+            res[part] = bench_bf16(c, dev, sync, records)
+        print(f"{part}: {time.time() - t0:.0f} s", flush=True)
+    write_results(res, c, argv, dev)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
