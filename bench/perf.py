@@ -88,18 +88,25 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
     return ours.to(dev).train(), peft.to(dev).train()
 
 
-def bench_train(c, dev, sync, records):
+def first_batch(c, dev, records, loss_on='label', bucket=32):
+    """The first training batch train.py would take, on dev, and its loader."""
     import tiktoken
 
     from dataloader import CustomDataLoader
+    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on=loss_on, seed=c['seed'],
+                              bucket=bucket)
+    x, y = (t.to(dev) for t in loader.get_batch(0))
+    return x, y, loader
+
+
+def bench_train(c, dev, sync, records):
     ours, peft = gpt2_small_pair(dev)
     opt_ours = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
     opt_peft = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                  weight_decay=0.0)
     out = {}
     for loss_on in ('all', 'label'):
-        loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on=loss_on, seed=c['seed'])
-        x, y = (t.to(dev) for t in loader.get_batch(0))
+        x, y, _ = first_batch(c, dev, records, loss_on)
         keep = y != -1
 
         def step_ours():
@@ -188,16 +195,12 @@ def bench_memory(c, dev):
 
 
 def bench_flops(c, dev, sync, records):
-    import tiktoken
-
-    from dataloader import CustomDataLoader
     n = 2048
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     peak_t = timed_rounds({'mm': lambda: a @ b}, c['rounds'], sync)['mm']
     peak = 2 * n ** 3 / peak_t
     ours, _ = gpt2_small_pair(dev)
-    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on='label', seed=c['seed'])
-    x, y = (t.to(dev) for t in loader.get_batch(0))
+    x, y, loader = first_batch(c, dev, records)
     opt = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
 
     def step():
@@ -216,18 +219,13 @@ def bench_flops(c, dev, sync, records):
     flops = 4 * B * T * (body + attn) + 4 * int((y != -1).sum()) * head
     return dict(matmul_peak_flops=peak, step_flops_per_s=flops / t, share_of_peak=flops / t / peak,
                 padding_share_bucketed=loader.padding_share(100),
-                padding_share_unbucketed=CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'],
-                                                          seed=c['seed'], bucket=0).padding_share(100))
+                padding_share_unbucketed=first_batch(c, dev, records, bucket=0)[2].padding_share(100))
 
 
 def bench_bf16(c, dev, sync, records):
-    import tiktoken
-
-    from dataloader import CustomDataLoader
     from train import autocast
     ours, _ = gpt2_small_pair(dev)
-    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on='label', seed=c['seed'])
-    x, y = (t.to(dev) for t in loader.get_batch(0))
+    x, y, _ = first_batch(c, dev, records)
 
     def step(dtype):
         def run():
