@@ -240,7 +240,7 @@ def bench_bf16(c, dev, sync, records):
 
 def write_results(res, c, argv, dev):
     cmd = ' '.join(['python', 'bench/perf.py', *argv])
-    lines = [f"# Benchmarks: this repository against transformers + PEFT", "",
+    lines = ["# Benchmarks: this repository against transformers + PEFT", "",
              f"`{cmd}` on {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}. Ratios are "
              f"this repository over the peer (higher is better for speed, lower for memory and latency).", "",
              "| benchmark | this repository | peer | ratio | target |", "| --- | --- | --- | --- | --- |"]
