@@ -21,6 +21,8 @@ import shutil
 import sys
 from dataclasses import asdict
 
+import torch
+
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export (its ckpt.pt), or where an imported adapter's ckpt.pt goes
@@ -34,13 +36,22 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 
 from configurator import ConfigError, configure, run_cli  # noqa: E402
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 PEFT_PREFIX = "base_model.model."
 PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"  # "c_proj" alone would also match the MLP's projection
 
 
+def copy_lora_into_peft(model, peft_model):
+    """Set a live PEFT model's LoRA matrices (adapter "default") to this repository's model's."""
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.endswith(("lora_A", "lora_B")):
+                params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
+
+
 def hf_state_dict(model):
+    from model import CONV1D_WEIGHTS
     """The merged weights under transformers' GPT-2 names, Conv1D weights as (in, out)."""
     was_training = model.training
     model.eval()  # merge LoRA into W
@@ -48,7 +59,7 @@ def hf_state_dict(model):
     for k, v in model.named_parameters():
         if k.endswith(("lora_A", "lora_B")) or k == "lm_head.weight":  # lm_head is tied to wte
             continue
-        state[k] = (v.t() if k.endswith(CONV1D) else v).detach().contiguous().clone()
+        state[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).detach().contiguous().clone()
     model.train(was_training)
     return state
 

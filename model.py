@@ -33,6 +33,8 @@ PRETRAINED_SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")
+# Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -204,8 +206,6 @@ class GPT(nn.Module):
         config_args.update(override_args)
         model = cls(GPTConfig(**config_args))
 
-        # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd = model.state_dict()
         expected = {k for k in sd if not k.endswith(("lora_A", "lora_B")) and k != "lm_head.weight"}
         missing = expected - set(sd_hf)
@@ -213,7 +213,7 @@ class GPT(nn.Module):
             raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
         with torch.no_grad():
             for k in expected:
-                v = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                v = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
                 assert v.shape == sd[k].shape, f"{k}: checkpoint {tuple(v.shape)}, model {tuple(sd[k].shape)}"
                 sd[k].copy_(v)
         return model
@@ -238,11 +238,11 @@ class GPT(nn.Module):
         # nothing (NaN), and its output is never seen by a real position
         return (mask | (kpos == qpos))[:, None]
 
-    def _next_logits(self, x, key_mask, past=None):
+    def _next_logits(self, x, key_mask, padded, past=None):
         """Logits (B, vocab) after the last of x's positions, and the new cache; key_mask covers cache + x."""
         T = x.size(1)
         pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # left padding: real tokens count from 0
-        mask = None if bool(key_mask.all()) else self._attention_mask(key_mask, T)
+        mask = self._attention_mask(key_mask, T) if padded else None
         h, past = self.hidden_states(x, pos, mask, past)
         return self.lm_head(h[:, -1, :]).float(), past
 
@@ -250,7 +250,7 @@ class GPT(nn.Module):
     def last_logits(self, idx, attention_mask=None):
         """Next-token logits (B, vocab) of each (left-padded) row: one forward pass, no sampling."""
         key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        return self._next_logits(idx, key_mask)[0]
+        return self._next_logits(idx, key_mask, not bool(key_mask.all()))[0]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None):
@@ -263,9 +263,10 @@ class GPT(nn.Module):
         key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         keep = self.config.block_size - max_new_tokens
         idx, key_mask = idx[:, -keep:], key_mask[:, -keep:]
+        padded = not bool(key_mask.all())  # new tokens are never padding: decided once
         out, x, past = idx, idx, None
         for _ in range(max_new_tokens):
-            logits, past = self._next_logits(x, key_mask, past)
+            logits, past = self._next_logits(x, key_mask, padded, past)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:

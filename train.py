@@ -111,6 +111,18 @@ def check_settings(c):
             raise ConfigError(message)
 
 
+def get_lr(c, it):
+    """Learning rate at iteration it: linear warmup, then cosine decay to min_lr (if decay_lr)."""
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if not c.decay_lr:
+        return c.learning_rate
+    decay_iters = max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters)
+    ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
+    min_lr = c.min_lr or c.learning_rate / 10
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - min_lr)
+
+
 def as_config_error(load, *args, **kwargs):
     """load(...), its ValueError (a missing or malformed model, checkpoint or data set) as a ConfigError."""
     try:
@@ -300,16 +312,6 @@ def main(argv):
         set_dropout(True)
         return out
 
-    def get_lr(it):
-        if it < c.warmup_iters:
-            return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-        if not c.decay_lr:
-            return c.learning_rate
-        decay_iters = max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters)
-        ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
-        min_lr = c.min_lr or c.learning_rate / 10
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - min_lr)
-
     config = {k: getattr(c, k) for k in DEFAULTS}
     metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
     records = []
@@ -349,7 +351,7 @@ def main(argv):
     start_iter = iter_num
     saved = False
     for iter_num in range(start_iter, c.max_iters + 1):
-        lr = get_lr(iter_num)
+        lr = get_lr(c, iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
         last = iter_num == c.max_iters or c.eval_only

@@ -10,10 +10,10 @@ Needs `peft` (requirements-dev.txt). Prints both accuracies and writes bench/pef
 """
 
 import json
-import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -44,24 +44,21 @@ def train_peft(c, loader):
     from transformers import GPT2LMHeadModel
     torch.manual_seed(c.seed)
     base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
-    # "c_proj" also names the MLP's output projection: name the attention's explicitly
+    from export import PEFT_TARGETS, copy_lora_into_peft
+    from model import GPT
+    from train import get_lr
     config = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0, fan_in_fan_out=True,
-                        target_modules=r".*\.attn\.(c_attn|c_proj)", bias="none")
+                        target_modules=PEFT_TARGETS, bias="none")
     model = get_peft_model(base, config)
     # start from the very A matrices train.py started from (same seed, same construction)
-    from model import GPT
     torch.manual_seed(c.seed)
-    ours = GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha))
-    peft_params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in ours.state_dict().items():
-            if k.endswith(('lora_A', 'lora_B')):
-                peft_params[f"base_model.model.{k}.default.weight"].copy_(v)
+    copy_lora_into_peft(GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)), model)
+    schedule = SimpleNamespace(**vars(c), decay_lr=True, lr_decay_iters=0)  # train.py's, as main() runs it
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     for it in range(c.max_iters):
-        lr = lr_at(c, it)
+        lr = get_lr(schedule, it)
         for g in opt.param_groups:
             g['lr'] = lr
         x, y = loader.get_batch(it)
@@ -75,14 +72,6 @@ def train_peft(c, loader):
         if it % 50 == 0:
             print(f"peft iter {it}: loss {loss.item():.4f}", flush=True)
     return model.eval()
-
-
-def lr_at(c, it):
-    """train.py's schedule with these settings: linear warmup, cosine decay to min_lr at max_iters."""
-    if it < c.warmup_iters:
-        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-    ratio = min(1.0, (it - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 
 
 @torch.no_grad()
@@ -114,8 +103,6 @@ def hf_accuracy(model, sampler):
 
 
 def main(argv):
-    from types import SimpleNamespace
-
     import tiktoken
 
     import train

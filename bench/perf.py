@@ -71,6 +71,7 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from export import PEFT_TARGETS, copy_lora_into_peft
     from lora import mark_only_lora_as_trainable
     from model import GPT
     torch.manual_seed(seed)
@@ -79,12 +80,8 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
     hf.save_pretrained(path)
     ours = mark_only_lora_as_trainable(GPT.from_pretrained(path, dict(lora_rank=rank, lora_alpha=2.0 * rank)))
     peft = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, fan_in_fan_out=True,
-                                         target_modules=r".*\.attn\.(c_attn|c_proj)"))
-    params = dict(peft.named_parameters())
-    with torch.no_grad():
-        for k, v in ours.state_dict().items():
-            if k.endswith(("lora_A", "lora_B")):
-                params[f"base_model.model.{k}.default.weight"].copy_(v)
+                                         target_modules=PEFT_TARGETS))
+    copy_lora_into_peft(ours, peft)
     return ours.to(dev).train(), peft.to(dev).train()
 
 
