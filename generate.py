@@ -130,14 +130,20 @@ class ModelSampler:
             mask[i, T - len(p):] = 1
         return idx.to(self.device), mask.to(self.device)
 
-    def _continuations(self, prompts):
-        """Decoded continuation of each prompt (token id lists), cut at end-of-text."""
+    def _continuations(self, prompts, prefix=()):
+        """
+        Decoded continuation of each prompt (token id lists), cut at end-of-text. prefix: (ids, cache)
+        of model.prefix_cache, for prompts that all begin with those ids and go on past them.
+        """
+        ids, cache = prefix or ((), None)
+        prompts = [p[len(ids):] for p in prompts]
         idx, mask = self._left_pad(prompts)
         with self.ctx:
             if self.mode == 'score':
-                logits = self.model.last_logits(idx, mask)[:, self.label_ids]
+                logits = self.model.last_logits(idx, mask, cache, rows=self.label_ids)
                 return [' ' + LABEL_WORDS[int(i)] for i in logits.argmax(dim=-1)]
-            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, mask, self.generator)
+            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, mask, self.generator,
+                                      cache)
         texts = []
         for row in out[:, idx.size(1):].tolist():
             if self.enc.eot_token in row:
@@ -149,15 +155,27 @@ class ModelSampler:
         """The model's continuation of one prompt string."""
         return self._continuations([self.enc.encode(prompt)])[0]
 
+    def _shared_prefix(self, prompts):
+        """(ids, cache) of the longest start that every prompt shares and goes on past, or ()."""
+        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts:
+            n = next((i for i in range(n) if p[i] != first[i]), n)
+        if not n:
+            return ()
+        with self.ctx:
+            return first[:n], self.model.prefix_cache(first[:n])
+
     def predictions(self, progress=True):
         """One dict per review (text, label, prompt, generation, prediction), in data set order."""
         from tqdm import tqdm
         recs = [dict(text=r['text'], label=r['label'], ids=self.prompt_ids(r['text'])) for r in self.records]
+        # the instruction (and few-shot examples) that begin every prompt are computed once
+        prefix = self._shared_prefix([r['ids'] for r in recs])
         # batches of similar lengths waste little on padding; the predictions do not depend on it
         order = sorted(range(len(recs)), key=lambda i: len(recs[i]['ids']))
         for s in tqdm(range(0, len(order), self.batch_size), desc='evaluating', unit='batch', disable=not progress):
             part = order[s:s + self.batch_size]
-            for i, gen in zip(part, self._continuations([recs[i]['ids'] for i in part])):
+            for i, gen in zip(part, self._continuations([recs[i]['ids'] for i in part], prefix)):
                 recs[i]['generation'] = gen
         for r in recs:
             r['prompt'] = self.enc.decode(r.pop('ids'))

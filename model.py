@@ -64,18 +64,27 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x, past=None, mask=None):
-        """past: (k, v) of earlier positions or None; mask: (B, 1, T, S) bool, True = may attend."""
+    def forward(self, x, past=None, mask=None, first=0):
+        """
+        past: (k, v) of earlier positions or None; mask: (B, 1, T, S) bool, True = may attend.
+        Outputs only positions first.. of x; all of x's keys and values go into the cache.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        # without a mask: a plain causal prefix, or one new token that may see everything before it
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and past is None,
+        q = q[:, :, first:]
+        Tq, S = T - first, k.size(2)
+        if mask is not None:
+            mask = mask[:, :, first:]
+        elif Tq > 1 and Tq < S:  # causal, the queries being the last Tq of S positions
+            mask = torch.ones(Tq, S, dtype=torch.bool, device=x.device).tril(S - Tq)
+        # no mask at all: a plain causal prefix, or one query that may see everything before it
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
@@ -88,8 +97,20 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        h = self.c_fc(x)
         # GPT-2's "gelu_new" is the tanh approximation
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = gelu_no_grad(h) if h.device.type == "cpu" and not torch.is_grad_enabled() else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
+
+
+def gelu_no_grad(x):
+    """
+    GPT-2's tanh GELU for inference on CPU: x * sigmoid(2u) equals 0.5 x (1 + tanh u), with
+    u = sqrt(2/pi) (x + 0.044715 x^3). In place, so no autograd; about twice as fast as F.gelu there,
+    whose tanh is slow. It differs from F.gelu by at most a few float32 roundings.
+    """
+    c = 2 * math.sqrt(2 / math.pi)
+    return torch.addcmul(x.new_tensor(c), x, x, value=0.044715 * c).mul_(x).sigmoid_().mul_(x)
 
 
 class Block(nn.Module):
@@ -101,9 +122,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, past=None, mask=None):
-        a, present = self.attn(self.ln_1(x), past, mask)
-        x = x + a
+    def forward(self, x, past=None, mask=None, first=0):
+        a, present = self.attn(self.ln_1(x), past, mask, first)
+        x = x[:, first:] + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
 
@@ -145,16 +166,21 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def hidden_states(self, idx, pos=None, mask=None, past=None):
-        """Final-LayerNorm output (B, T, C) and each layer's (k, v), for forward and generation."""
+    def hidden_states(self, idx, pos=None, mask=None, past=None, first=0):
+        """
+        Final-LayerNorm output (B, T - first, C) of positions first.. of idx, and each layer's (k, v).
+        The last block computes only those positions: the earlier ones matter to it only as keys and
+        values, which the blocks before it have already given it.
+        """
         B, T = idx.size()
         if pos is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens, block size is {self.config.block_size}"
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         presents = []
+        last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, None if past is None else past[i], mask)
+            x, kv = block(x, None if past is None else past[i], mask, first if i == last else 0)
             presents.append(kv)
         return self.transformer.ln_f(x), presents
 
@@ -162,14 +188,21 @@ class GPT(nn.Module):
         """
         (logits, loss). Without targets: logits of the last position only (inference). With targets
         (-1 = ignore): logits of every position, or with targets_only=True only of the positions that
-        have a target, as (N, vocab), which skips most of the LM head when few tokens are learned.
+        have a target, as (N, vocab). targets_only skips most of the LM head when few tokens are
+        learned, and the last block's work on the positions before the first target.
         """
-        x, _ = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            x, _ = self.hidden_states(idx, first=idx.size(1) - 1)
+            return self.lm_head(x), None
         if targets_only:
             keep = targets != -1
-            x, targets = x[keep], targets[keep]
+            columns = keep.any(0).nonzero()
+            first = int(columns[0]) if len(columns) else 0
+            x, _ = self.hidden_states(idx, first=first)
+            keep = keep[:, first:]
+            logits = self.lm_head(x[keep])
+            return logits, F.cross_entropy(logits, targets[:, first:][keep])
+        x, _ = self.hidden_states(idx)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
@@ -238,33 +271,65 @@ class GPT(nn.Module):
         # nothing (NaN), and its output is never seen by a real position
         return (mask | (kpos == qpos))[:, None]
 
-    def _next_logits(self, x, key_mask, padded, past=None):
-        """Logits (B, vocab) after the last of x's positions, and the new cache; key_mask covers cache + x."""
+    def _next_logits(self, x, key_mask, padded, past=None, rows=None):
+        """
+        Logits (B, vocab) after the last of x's positions, and the new cache; key_mask covers cache + x.
+        rows: compute only these rows of the LM head (e.g. the label words), (B, len(rows)).
+        """
         T = x.size(1)
         pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # left padding: real tokens count from 0
         mask = self._attention_mask(key_mask, T) if padded else None
-        h, past = self.hidden_states(x, pos, mask, past)
-        return self.lm_head(h[:, -1, :]).float(), past
+        h, past = self.hidden_states(x, pos, mask, past, first=T - 1)
+        weight = self.lm_head.weight if rows is None else self.lm_head.weight[rows]
+        # (vocab, C) @ (C, B), transposed: on CPU about twice as fast as F.linear for a batch of rows
+        return (weight @ h[:, -1, :].T).T.float(), past
 
     @torch.no_grad()
-    def last_logits(self, idx, attention_mask=None):
-        """Next-token logits (B, vocab) of each (left-padded) row: one forward pass, no sampling."""
+    def prefix_cache(self, ids):
+        """
+        Keys and values of token ids that begin every prompt (an instruction, few-shot examples), for
+        generate and last_logits: the prefix is computed once instead of once per row.
+        """
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head.weight.device)[None]
+        assert 0 < idx.size(1) < self.config.block_size, "a prefix must be shorter than the block size"
+        return self.hidden_states(idx, first=idx.size(1) - 1)[1]
+
+    @staticmethod
+    def _continue(idx, attention_mask, prefix):
+        """(key mask over prefix + idx, cache of every row) for rows of idx that follow prefix."""
         key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        return self._next_logits(idx, key_mask, not bool(key_mask.all()))[0]
+        if prefix is None:
+            return key_mask, None
+        B, P = idx.size(0), prefix[0][0].size(2)
+        key_mask = torch.cat((key_mask.new_ones(B, P), key_mask), dim=1)
+        return key_mask, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None):
+    def last_logits(self, idx, attention_mask=None, prefix=None, rows=None):
+        """
+        Next-token logits (B, vocab) of each (left-padded) row: one forward pass, no sampling. The rows
+        continue prefix (from prefix_cache) if given; rows: only these columns of the logits.
+        """
+        key_mask, past = self._continue(idx, attention_mask, prefix)
+        return self._next_logits(idx, key_mask, not bool(key_mask.all()), past, rows)[0]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None,
+                 prefix=None):
         """
         Continue each row of idx (B, T) by max_new_tokens tokens. Rows may be left-padded: then
         attention_mask (B, T) is 1 on real tokens and 0 on padding. temperature=0 is greedy decoding.
-        Prompts longer than block_size - max_new_tokens keep their last tokens.
+        With prefix (from prefix_cache) the rows continue that prefix, which is not part of idx or
+        of what is returned. Prompts longer than block_size - max_new_tokens keep their last tokens.
         """
-        assert max_new_tokens < self.config.block_size, "max_new_tokens must be smaller than the block size"
-        key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        keep = self.config.block_size - max_new_tokens
-        idx, key_mask = idx[:, -keep:], key_mask[:, -keep:]
+        keep = self.config.block_size - max_new_tokens - (0 if prefix is None else prefix[0][0].size(2))
+        assert keep > 0, "max_new_tokens and the prefix leave no room for a prompt in the block size"
+        idx = idx[:, -keep:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -keep:]
+        key_mask, past = self._continue(idx, attention_mask, prefix)
         padded = not bool(key_mask.all())  # new tokens are never padding: decided once
-        out, x, past = idx, idx, None
+        out, x = idx, idx
         for _ in range(max_new_tokens):
             logits, past = self._next_logits(x, key_mask, padded, past)
             if temperature == 0:

@@ -123,3 +123,16 @@ def test_greedy_generations_match_transformers_on_the_standin():
         row = out[0, ids.shape[1]:].tolist()
         row = row[:row.index(50256)] if 50256 in row else row
         assert r["generation"] == sampler.enc.decode(row)
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_the_shared_prompt_start_is_computed_once_and_changes_nothing(tiny_ckpt, reviews, tmp_path, mode):
+    save_lora_run(tmp_path, tiny_ckpt)
+    sampler = ModelSampler(init_from="resume", out_dir=str(tmp_path), dataset=reviews, device="cpu", mode=mode,
+                           prompt_style="few_shot", num_shots=2, batch_size=5, max_new_tokens=4)
+    prompts = [sampler.prompt_ids(r["text"]) for r in sampler.records]
+    ids, _ = sampler._shared_prefix(prompts)
+    # the instruction and both examples, up to the "Review:" that every prompt has next
+    assert sampler.enc.decode(ids).count("Review:") == 3 and sampler.enc.decode(ids).endswith("Review:")
+    preds = sampler.predictions(progress=False)
+    assert [r["generation"] for r in preds] == [sampler._continuations([p])[0] for p in prompts]

@@ -157,3 +157,60 @@ def test_openai_style_checkpoint_without_prefix_as_pytorch_bin(tmp_path):
     idx = torch.randint(0, SHAPES[0]["vocab_size"], (2, 16))
     with torch.no_grad():
         assert (model(idx, idx)[0] - hf(idx).logits).abs().max() < 1e-4
+
+
+def test_shared_prefix_cache_gives_what_the_whole_prompts_give(tmp_path):
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8))
+    perturb_lora_B(model)
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 211, (9,), generator=g)
+    tails = [torch.randint(0, 211, (n,), generator=g) for n in (5, 12, 1, 12)]
+    T = max(len(t) for t in tails)
+    batch = torch.zeros(len(tails), T, dtype=torch.long)
+    mask = torch.zeros(len(tails), T, dtype=torch.long)
+    for i, t in enumerate(tails):
+        batch[i, T - len(t):], mask[i, T - len(t):] = t, 1
+    cache = model.prefix_cache(prefix.tolist())
+    out = model.generate(batch, 6, temperature=0, attention_mask=mask, prefix=cache)
+    scores = model.last_logits(batch, mask, prefix=cache, rows=[3, 7])
+    for i, t in enumerate(tails):
+        whole = torch.cat((prefix, t))[None]
+        alone = model.generate(whole, 6, temperature=0)
+        assert torch.equal(out[i, T:], alone[0, whole.size(1):])
+        torch.testing.assert_close(scores[i], model(whole)[0][0, -1, [3, 7]], rtol=1e-5, atol=1e-5)
+    # equal-length rows need no padding mask: the causal mask must still hold after the prefix
+    same = torch.stack([tails[1], tails[3]])
+    out = model.generate(same, 3, temperature=0, prefix=cache)
+    for i in range(2):
+        whole = torch.cat((prefix, same[i]))[None]
+        assert torch.equal(out[i], model.generate(whole, 3, temperature=0)[0, len(prefix):])
+
+
+def test_label_only_loss_skips_work_but_not_gradients(tmp_path):
+    # targets_only computes the last block only from the first target on; loss and every LoRA
+    # gradient must be what the full computation gives
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = mark_only_lora_as_trainable(GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8)))
+    perturb_lora_B(model)
+    idx = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    targets = torch.full_like(idx, -1)
+    targets[0, 15:17], targets[1, 11:13], targets[2, 18:] = idx[0, 16:18], idx[1, 12:14], 7
+    grads = []
+    for targets_only in (False, True):
+        model.zero_grad()
+        loss = model(idx, targets, targets_only=targets_only)[1]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_inference_gelu_matches_torch():
+    from torch.nn import functional as F
+
+    from model import gelu_no_grad
+    x = torch.cat((torch.randn(10000) * 3, torch.tensor([0.0, -0.0, 30.0, -30.0, 1e4, -1e4])))
+    torch.testing.assert_close(gelu_no_grad(x), F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
