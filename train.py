@@ -401,7 +401,7 @@ def main(argv):
                 if ddp:
                     model.require_backward_grad_sync = m == len(batches) - 1
                 with ctx:
-                    _, loss = model(x, y, targets_only=True)
+                    loss = model(x, y, targets_only=True)[1]  # logits not kept alive through backward
                 scaler.scale(loss * (n * world / n_step)).backward()
                 loss_sum += loss.item() * n
                 n_tokens += int((x != enc.eot_token).sum())

@@ -6,7 +6,8 @@ Homework question 2.1, measured: forward latency of a LoRA model with the update
     python bench/merge_latency.py --model=gpt2-medium --lora_rank=16 --batch_size=8 --device=cuda
 
 Random weights of the named GPT-2 shape (nothing is downloaded). The three variants are timed in
-turns, round after round, and the median of each is reported, so a busy machine slows all three alike.
+turns, round after round, each going first in turn, and the median of each is reported, so a busy
+machine slows all three alike.
 """
 
 import os
@@ -56,8 +57,10 @@ def main(argv):
     with torch.no_grad():
         for m in variants.values():  # warm up
             m(idx, idx)
-        for _ in range(c['rounds']):
-            for name, m in variants.items():
+        names = list(variants)
+        for r in range(c['rounds']):
+            for name in names[r % 3:] + names[:r % 3]:  # each variant goes first in turn
+                m = variants[name]
                 sync()
                 t0 = time.perf_counter()
                 m(idx, idx)
