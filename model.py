@@ -196,8 +196,10 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         if targets_only:
             keep = targets != -1
-            columns = keep.any(0).nonzero()
-            first = int(columns[0]) if len(columns) else 0
+            first = 0
+            if not torch.compiler.is_compiling():  # a data-dependent slice would recompile for every value
+                columns = keep.any(0).nonzero()
+                first = int(columns[0]) if len(columns) else 0
             x, _ = self.hidden_states(idx, first=first)
             keep = keep[:, first:]
             logits = self.lm_head(x[keep])

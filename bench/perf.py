@@ -168,16 +168,35 @@ sys.path.insert(0, {root!r})
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, PRETRAINED_SHAPES
 rank, dev = {rank}, {dev!r}
+cpu = not dev.startswith('cuda')
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() if cpu else 0
+baseline = rss()  # the interpreter, torch and its libraries
 torch.manual_seed(0)
 m = GPT(GPTConfig(**PRETRAINED_SHAPES[{model!r}], lora_rank=rank, lora_alpha=4.0 * max(rank, 1))).to(dev)
 if rank:
     mark_only_lora_as_trainable(m)
 opt = m.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
 x = torch.randint(0, 50257, (8, 64), device=dev)
-for _ in range(2):
-    m(x, x, targets_only=True)[1].backward(); opt.step(); opt.zero_grad(set_to_none=True)
-peak = torch.cuda.max_memory_allocated() if dev.startswith('cuda') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(peak_bytes=peak)))
+params = {{p.untyped_storage().data_ptr() for p in m.parameters()}}
+saved = {{}}
+def pack(t):  # what autograd keeps for backward, each storage once
+    st = t.untyped_storage()
+    if st.data_ptr() not in params:
+        saved[st.data_ptr()] = st.nbytes()
+    return t
+for i in range(2):
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(x, x, targets_only=True)[1]
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+weights = sum(p.numel() * p.element_size() for p in m.parameters())
+trained = [p for p in m.parameters() if p.requires_grad]
+states = sum(p.numel() * p.element_size() for p in trained) + sum(  # gradients, then AdamW's moments
+   
+    v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if cpu else torch.cuda.max_memory_allocated()
+print(json.dumps(dict(peak_bytes=peak, baseline_bytes=baseline, weight_bytes=weights, grad_and_adam_bytes=states,
+                      saved_activation_bytes=sum(saved.values()))))
 '''
 
 
@@ -186,8 +205,8 @@ def bench_memory(c, dev):
     for name, rank in (('lora_r128', 128), ('full', 0)):
         code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c['memory_model'])
         p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-        out[name + '_peak_bytes'] = json.loads(p.stdout.strip().splitlines()[-1])['peak_bytes']
-    out['ratio'] = out['lora_r128_peak_bytes'] / out['full_peak_bytes']
+        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    out['ratio'] = out['lora_r128']['peak_bytes'] / out['full']['peak_bytes']
     return out
 
 
@@ -258,8 +277,8 @@ def write_results(res, c, argv, dev):
                      f"{r['LoRA un-merged']:.3f}x | - |")
     if 'memory' in res:
         r = res['memory']
-        lines.append(f"| peak training memory, {c['memory_model']} shapes | {r['lora_r128_peak_bytes'] / 2**30:.2f} GiB (LoRA r=128) | "
-                     f"{r['full_peak_bytes'] / 2**30:.2f} GiB (full fine-tuning) | {r['ratio']:.2f}x | <= 0.4x |")
+        lines.append(f"| peak training memory, {c['memory_model']} shapes | {r['lora_r128']['peak_bytes'] / 2**30:.2f} GiB (LoRA r=128) | "
+                     f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning) | {r['ratio']:.2f}x | <= 0.4x |")
     if 'flops' in res:
         r = res['flops']
         lines.append(f"| achieved FLOP/s of a LoRA training step | {r['step_flops_per_s'] / 1e9:.1f} GFLOP/s | "
@@ -270,6 +289,16 @@ def write_results(res, c, argv, dev):
         r = res['bf16']
         lines.append(f"| training step (fwd+bwd), bfloat16 autocast vs float32 | {r['bfloat16_s'] * 1000:.0f} ms | "
                      f"{r['float32_s'] * 1000:.0f} ms | {r['speedup']:.2f}x faster | pays off |")
+    if 'memory' in res:
+        lines += ["", "Where the peak memory goes (GiB; activations: what autograd keeps for backward in one forward; "
+                  "the rest: transient buffers and allocator slack):", "",
+                  "| run | peak | process before the model | weights | gradients + AdamW | activations | rest |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name in ('lora_r128', 'full'):
+            r = res['memory'][name]
+            parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
+            lines.append(f"| {name} | " + " | ".join(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts,
+                                                                                   r['peak_bytes'] - sum(parts))) + " |")
     with open(os.path.join(ROOT, 'bench', 'results.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     with open(os.path.join(ROOT, 'bench', 'results.json'), 'w') as f:
