@@ -120,18 +120,30 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates(tmp_path):
-    save_random_hf_gpt2(tmp_path, **SHAPES[1])
-    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8))
+def merged_lora_model(path):
+    """A random 3-layer GPT-2 with a nonzero LoRA update, merged (eval mode)."""
+    save_random_hf_gpt2(path, **SHAPES[1])
+    model = GPT.from_pretrained(str(path), dict(lora_rank=4, lora_alpha=8))
     perturb_lora_B(model)
-    model.eval()
+    return model.eval()
+
+
+def left_padded(rows):
+    """(batch, attention mask) of token rows of different lengths, padded on the left."""
+    T = max(len(r) for r in rows)
+    batch = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return batch, mask
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates(tmp_path):
+    model = merged_lora_model(tmp_path)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 211, (n,), generator=g) for n in (5, 17, 11, 1)]
-    T = max(len(p) for p in prompts)
-    batch = torch.zeros(len(prompts), T, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        batch[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    batch, mask = left_padded(prompts)
+    T = batch.size(1)
     out = model.generate(batch, 6, temperature=0, attention_mask=mask)
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], 6, temperature=0)
@@ -160,18 +172,12 @@ def test_openai_style_checkpoint_without_prefix_as_pytorch_bin(tmp_path):
 
 
 def test_shared_prefix_cache_gives_what_the_whole_prompts_give(tmp_path):
-    save_random_hf_gpt2(tmp_path, **SHAPES[1])
-    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8))
-    perturb_lora_B(model)
-    model.eval()
+    model = merged_lora_model(tmp_path)
     g = torch.Generator().manual_seed(4)
     prefix = torch.randint(0, 211, (9,), generator=g)
     tails = [torch.randint(0, 211, (n,), generator=g) for n in (5, 12, 1, 12)]
-    T = max(len(t) for t in tails)
-    batch = torch.zeros(len(tails), T, dtype=torch.long)
-    mask = torch.zeros(len(tails), T, dtype=torch.long)
-    for i, t in enumerate(tails):
-        batch[i, T - len(t):], mask[i, T - len(t):] = t, 1
+    batch, mask = left_padded(tails)
+    T = batch.size(1)
     cache = model.prefix_cache(prefix.tolist())
     out = model.generate(batch, 6, temperature=0, attention_mask=mask, prefix=cache)
     scores = model.last_logits(batch, mask, prefix=cache, rows=[3, 7])
