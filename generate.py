@@ -157,6 +157,8 @@ class ModelSampler:
 
     def _shared_prefix(self, prompts):
         """(ids, cache) of the longest start that every prompt shares and goes on past, or ()."""
+        if not prompts:
+            return ()
         first, n = prompts[0], min(len(p) for p in prompts) - 1
         for p in prompts:
             n = next((i for i in range(n) if p[i] != first[i]), n)
