@@ -349,6 +349,11 @@ class GPT(nn.Module):
         return out
 
 
+def error_summary(e):
+    """'TypeName: first line of the message' (at most 200 characters of it), for one-line errors."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def read_hf_checkpoint(model_type):
     """
     (config dict, state dict) of a Hugging Face GPT-2 checkpoint: a local directory or a hub id (through
@@ -375,7 +380,7 @@ def read_hf_checkpoint(model_type):
             except EntryNotFoundError:
                 return None
             except Exception as e:  # no such repository, no network and not in the cache, ...
-                raise fail(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+                raise fail(error_summary(e)) from None
     config_path = fetch("config.json")
     if config_path is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -409,8 +414,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be loaded as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); it may be truncated, "
+        raise ValueError(f"{path} cannot be loaded as a checkpoint ({error_summary(e)}); it may be truncated, "
                          f"corrupted, or hold objects other than tensors") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
         raise ValueError(f"{path} is not a train.py checkpoint (it needs 'model' and 'model_args')")

@@ -14,7 +14,6 @@ in the step are reported too, with their share of a large bf16 matmul timed in t
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -22,6 +21,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.perf import device_sync, timed_rounds  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = 'gpt2-medium'  # a GPT-2 shape
@@ -74,7 +75,7 @@ def train_variant(c, dev, dtype, compiled, peak):
     m = torch.compile(raw) if compiled else raw
     x = torch.randint(0, 50257, (c['batch_size'], c['seq_len']), device=dev)
     ctx = autocast(dev, dtype)
-    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+    sync = device_sync(dev)
     losses = []
 
     def step():
@@ -91,14 +92,7 @@ def train_variant(c, dev, dtype, compiled, peak):
         step()
     sync()
     warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(c['steps']):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    dt = timed_rounds({'step': step}, c['steps'], sync, warmup=0)['step']
     with FlopCounterMode(display=False) as counter:
         with ctx:
             raw(x, x, targets_only=True)[1].backward()
@@ -122,16 +116,7 @@ def matmul_peak(dev, dtype):
     n = 8192 if dev.startswith('cuda') else 1024
     a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
-    a @ b
-    times = []
-    for _ in range(10):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / timed_rounds({'mm': lambda: a @ b}, 10, device_sync(dev))['mm']
 
 
 def generation_matches_cpu(dev):

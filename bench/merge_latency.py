@@ -32,6 +32,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 
 
 def main(argv):
+    from bench.perf import device_sync
     from configurator import configure
     from model import GPT, PRETRAINED_SHAPES, GPTConfig
     from train import pick_device
@@ -52,7 +53,7 @@ def main(argv):
     unmerged.load_state_dict(lora.state_dict())
     variants = {'no LoRA': plain, 'LoRA merged': merged, 'LoRA un-merged': unmerged}
     idx = torch.randint(0, 50257, (c['batch_size'], c['seq_len']), device=dev)
-    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+    sync = device_sync(dev)
     times = {k: [] for k in variants}
     with torch.no_grad():
         for m in variants.values():  # warm up
