@@ -35,6 +35,7 @@ init_from = ''  # import_peft: the base model; '' means the adapter's base_model
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 from configurator import ConfigError, configure, run_cli  # noqa: E402
+from lora import is_lora_param, lora_state_dict  # noqa: E402
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 PEFT_PREFIX = "base_model.model."
@@ -45,19 +46,18 @@ def copy_lora_into_peft(model, peft_model):
     """Set a live PEFT model's LoRA matrices (adapter "default") to this repository's model's."""
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if k.endswith(("lora_A", "lora_B")):
-                params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
+        for k, v in lora_state_dict(model).items():
+            params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
 
 
 def hf_state_dict(model):
-    from model import CONV1D_WEIGHTS
     """The merged weights under transformers' GPT-2 names, Conv1D weights as (in, out)."""
+    from model import CONV1D_WEIGHTS
     was_training = model.training
     model.eval()  # merge LoRA into W
     state = {}
     for k, v in model.named_parameters():
-        if k.endswith(("lora_A", "lora_B")) or k == "lm_head.weight":  # lm_head is tied to wte
+        if is_lora_param(k) or k == "lm_head.weight":  # lm_head is tied to wte
             continue
         state[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).detach().contiguous().clone()
     model.train(was_training)
@@ -120,8 +120,7 @@ def export_peft(model, base_model, dest):
                 "init_lora_weights": True, "use_rslora": False, "modules_to_save": None},
                os.path.join(dest, "adapter_config.json"))
     # PEFT keeps A as Linear(in, r) and B as Linear(r, out) even around Conv1D: the same shapes as here
-    state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone()
-             for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+    state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone() for k, v in lora_state_dict(model).items()}
     save_file(state, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -144,9 +143,8 @@ def import_peft(adapter_dir, base_model, dest):
         state[name] = v.float()
     model = GPT.from_pretrained(base_model, dict(lora_rank=r, lora_alpha=alpha,
                                                  lora_dropout=float(acfg.get("lora_dropout", 0.0))))
-    for k, v in model.state_dict().items():  # layers the adapter leaves out keep B = 0: no change
-        if k.endswith(("lora_A", "lora_B")) and k not in state:
-            state[k] = v
+    for k, v in lora_state_dict(model).items():  # layers the adapter leaves out keep B = 0: no change
+        state.setdefault(k, v)
     model.load_state_dict(state, strict=False)
     os.makedirs(dest, exist_ok=True)
     from train import save_atomic

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import LoRALinear, lora_state_dict
+from lora import LoRALinear, is_lora_param, lora_state_dict
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -243,7 +243,7 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**config_args))
 
         sd = model.state_dict()
-        expected = {k for k in sd if not k.endswith(("lora_A", "lora_B")) and k != "lm_head.weight"}
+        expected = {k for k in sd if not is_lora_param(k) and k != "lm_head.weight"}
         missing = expected - set(sd_hf)
         if missing:
             raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
