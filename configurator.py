@@ -2,7 +2,9 @@
 Settings from config files and key=value flags, after nanoGPT's configurator.
 
     python train.py configs/finetune_params_config.py --init_from=gpt2-medium --lr=1e-4 rank=16
+    python train.py --help            # every setting, its default and what it does
 
+A script's settings are the module-level names between its two `# ---` lines, each with a comment.
 A positional argument is a config file: Python, executed as nanoGPT does (so only run config files
 you trust); every top-level name it sets must be a known setting. Then `--key=value` (or `key=value`,
 or `--key-with-dashes=value`) overrides one setting. Values are read with ast.literal_eval (never
@@ -12,20 +14,48 @@ not a Python literal is taken as a string where the setting is a string.
 
 import ast
 import difflib
+import glob
 import os
+import sys
 import types
 
 # the handout's short names
 ALIASES = {"rank": "lora_rank", "alpha": "lora_alpha", "lr": "learning_rate"}
+HELP = ("-h", "--help")
 
 
 class ConfigError(ValueError):
     """A bad setting; the scripts print its message as one line and exit with status 2."""
 
 
+class Settings(dict):
+    """A script's settings: read them as attributes, c.max_iters."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    __setattr__ = dict.__setitem__
+
+
+def settings_of(namespace):
+    """The settings defined at the top of a script: its public int, float, bool and str globals."""
+    return Settings({k: v for k, v in namespace.items()
+                     if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
+
+
+def check(rules):
+    """rules: (is_bad, message) pairs; the first bad one is a ConfigError."""
+    for bad, message in rules:
+        if bad:
+            raise ConfigError(message)
+
+
 def _suggest(key, known):
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join(close)}?" if close else "; see the settings at the top of the script"
+    return f"; did you mean {' or '.join(close)}?" if close else "; see --help for the settings"
 
 
 def _check_key(key, config, where):
@@ -46,46 +76,99 @@ def _coerce(key, value, default, raw=None):
     raise ConfigError(f"setting '{key}' expects {type(default).__name__} (like {default!r}), got {value!r}")
 
 
+def _missing_config_file(path):
+    """The error for a config file that is not there, naming the closest one that is."""
+    here = [p for p in glob.glob("*.py") + glob.glob("*/*.py") if not p.startswith(("tests", "."))]
+    same_name = [p for p in here if os.path.basename(p) == os.path.basename(path)]
+    close = same_name or difflib.get_close_matches(path, here, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "settings are written --key=value"
+    return ConfigError(f"config file '{path}' not found; {hint}")
+
+
+def _run_config_file(path, config, defaults):
+    namespace = dict(config)
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    for key, value in namespace.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if key in config and value is config[key]:
+            continue
+        key = _check_key(key, config, f" in {path}")
+        config[key] = _coerce(key, value, defaults[key])
+
+
 def configure(defaults, argv):
-    """A new dict: defaults updated by the config files and key=value flags in argv."""
-    config = dict(defaults)
+    """New Settings: defaults updated by the config files and key=value flags in argv."""
+    config = Settings(defaults)
     for arg in argv:
         if "=" not in arg:
             if arg.startswith("-"):
-                raise ConfigError(f"'{arg}' is not a setting: write --key=value (e.g. --max_iters=100)")
+                raise ConfigError(f"'{arg}' is not a setting: write --key=value (e.g. --max_iters=100), or see --help")
             if not os.path.isfile(arg):
-                raise ConfigError(f"config file '{arg}' not found (settings are written --key=value)")
-            namespace = dict(config)
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                    continue
-                if key in config and value is config[key]:
-                    continue
-                key = _check_key(key, config, f" in {arg}")
-                config[key] = _coerce(key, value, defaults[key])
-        else:
-            key, raw = arg.split("=", 1)
-            key = key.lstrip("-").replace("-", "_")
-            if not key:
-                raise ConfigError(f"'{arg}' has no setting name: write --key=value")
-            key = _check_key(key, config, "")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                if defaults[key] is not None and not isinstance(defaults[key], str):
-                    raise ConfigError(f"setting '{key}' expects {type(defaults[key]).__name__} "
-                                      f"(like {defaults[key]!r}), got '{raw}'") from None
-                value = raw
-            config[key] = _coerce(key, value, defaults[key], raw)
+                raise _missing_config_file(arg)
+            _run_config_file(arg, config, defaults)
+            continue
+        key, raw = arg.split("=", 1)
+        key = key.lstrip("-").replace("-", "_")
+        if not key:
+            raise ConfigError(f"'{arg}' has no setting name: write --key=value")
+        key = _check_key(key, config, "")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if defaults[key] is not None and not isinstance(defaults[key], str):
+                raise ConfigError(f"setting '{key}' expects {type(defaults[key]).__name__} "
+                                  f"(like {defaults[key]!r}), got '{raw}'") from None
+            value = raw
+        config[key] = _coerce(key, value, defaults[key], raw)
     return config
 
 
-def run_cli(main, argv, errors=()):
-    """The exit status of a script's main(argv) (0 unless it returns an int); a ConfigError (or one
-    of errors) is printed as one line on stderr, with exit status 2."""
-    import sys
+def override(defaults, settings):
+    """New Settings: defaults with some of them set from Python (keyword arguments), checked as flags are."""
+    config = Settings(defaults)
+    for key, value in settings.items():
+        key = _check_key(key, config, "")
+        config[key] = _coerce(key, value, defaults[key])
+    return config
+
+
+def help_text(script):
+    """The usage lines of a script's docstring, then each setting with its default and comment."""
+    with open(script) as f:
+        source = f.read()
+    tree = ast.parse(source)
+    doc = (ast.get_docstring(tree) or "").strip().splitlines()
+    name = os.path.basename(script)
+    lines = [doc[0] if doc else name, "", "usage:"]
+    lines += [f"  {line.strip()}" for line in doc if line.startswith(("    python", "    torchrun"))] or [f"  python {name}"]
+    source_lines = source.splitlines()
+    bounds = [i for i, line in enumerate(source_lines) if line.startswith("# ---")][:2]
+    if len(bounds) < 2:
+        return "\n".join(lines + ["", "no settings"])
+    lines += ["", "settings (--key=value; a config file's names override them too):"]
+    for line in source_lines[bounds[0] + 1:bounds[1]]:
+        if line.startswith("#"):
+            lines.append(f"  {line.lstrip('# ')}:")
+            continue
+        node = ast.parse(line).body[0]
+        code = line[:node.end_col_offset]
+        comment = line[node.end_col_offset:].strip().lstrip("#").strip()
+        key, value = (s.strip() for s in code.split("=", 1))
+        lines.append(f"    --{key}={value}" + (f"  ({comment})" if comment else ""))
+    aliases = ", ".join(f"{a}={k}" for a, k in ALIASES.items() if f"--{k}=" in "\n".join(lines))
+    if aliases:
+        lines += ["", f"the handout's short names work too: {aliases}"]
+    return "\n".join(lines)
+
+
+def run_cli(main, argv, script, errors=()):
+    """The exit status of a script's main(argv): 0 unless it returns an int; --help (or -h) prints
+    help_text(script); a ConfigError (or one of errors) is printed as one line on stderr, status 2."""
+    if any(arg in HELP for arg in argv):
+        print(help_text(script))
+        return 0
     try:
         status = main(argv)
         return status if isinstance(status, int) else 0

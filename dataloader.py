@@ -14,12 +14,21 @@ token while "positive" after a space is another.
 
 import math
 import os
+import random
+import re
 
+import datasets
 import torch
+
+from common import hub_offline, hub_unreachable_hint
+
+datasets.logging.set_verbosity_error()
+datasets.disable_progress_bars()
 
 LABEL_WORDS = ("negative", "positive")  # label 0, label 1
 INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
 LOSS_ON = ("label", "all")
+LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
 
 
 def clean(text):
@@ -53,14 +62,57 @@ def encode_prompt(enc, text, max_tokens, demonstrations=()):
     return ids
 
 
+def parse_label(generation):
+    """1 for positive, 0 for negative, None when the continuation doesn't start with exactly one of them."""
+    m = LABEL_RE.match(generation)
+    if m is None:
+        return None
+    word = m.group(1).lower()
+    other = LABEL_WORDS[1 - LABEL_WORDS.index(word)]
+    if re.search(rf"\b{other}\b", generation, re.IGNORECASE):
+        return None
+    return LABEL_WORDS.index(word)
+
+
+def few_shot_demonstrations(train_split, k, seed):
+    """k solved (text, label) examples, as balanced as k allows, in a seeded random order."""
+    rng = random.Random(seed)
+    by_label = {y: [i for i, lab in enumerate(train_split["label"]) if lab == y] for y in (0, 1)}
+    first = rng.randrange(2)
+    labels = [(first + j) % 2 for j in range(k)]
+    picks = [(i, y) for y in (0, 1) for i in rng.sample(by_label[y], labels.count(y))]
+    rng.shuffle(picks)
+    return [(train_split[i]["text"], y) for i, y in picks]
+
+
+def stratified_subset(labels, n, seed):
+    """
+    Positions of n reviews drawn at random with each label in its share of the split, in split order:
+    the same n for every model evaluated with the same seed. Rotten Tomatoes lists all positive test
+    reviews first, so the first n would be one label only.
+    """
+    if not 0 < n < len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    by_label = {y: [i for i, lab in enumerate(labels) if lab == y] for y in sorted(set(labels))}
+    quota = {y: len(ix) * n // len(labels) for y, ix in by_label.items()}
+    # the reviews the rounding left over go to the labels with the largest remainders
+    for y in sorted(by_label, key=lambda y: -(len(by_label[y]) * n % len(labels)))[:n - sum(quota.values())]:
+        quota[y] += 1
+    return sorted(i for y, ix in by_label.items() for i in rng.sample(ix, quota[y]))
+
+
 def load_splits(dataset, splits=("train", "validation")):
     """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
-    import datasets
-    datasets.logging.set_verbosity_error()
+    local = os.path.isdir(dataset)
+    if not local and hub_offline():
+        datasets.config.HF_HUB_OFFLINE = True  # the hub cache only: no half a minute of retries
     try:
         data = datasets.load_dataset(dataset)
     except Exception as e:  # datasets raises many types for "not there" and "not readable"
-        where = "local directory" if os.path.isdir(dataset) else "hub id or local directory"
+        if not local and datasets.config.HF_HUB_OFFLINE:
+            raise ValueError(f"cannot load data set '{dataset}': {hub_unreachable_hint('it')}") from None
+        where = "local directory" if local else "hub id or local directory"
         cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
         raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}{cause}") from None
     for split in splits:
@@ -84,7 +136,7 @@ class CustomDataLoader:
     """
 
     def __init__(self, dataset, tokenizer, batch_size=8, block_size=1024, loss_on="label", shuffle=True,
-                 seed=1337, rank=0, world_size=1, bucket=32):
+                 seed=1337, rank=0, world_size=1, bucket=32, pad_multiple=1):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, not '{loss_on}'")
         self.tokenizer = tokenizer
@@ -94,6 +146,7 @@ class CustomDataLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.bucket = bucket  # batches of similar length come from windows of this many batches; 0: off
+        self.pad_multiple = pad_multiple  # batch lengths are multiples of this: few shapes, for torch.compile
         self.rank = rank
         self.world_size = world_size
         self.records = [self._add_instruction_finetuning(dict(rec)) for rec in dataset]
@@ -110,6 +163,7 @@ class CustomDataLoader:
         rec["instr_tuned_text"] = self.tokenizer.decode(prompt) + " " + LABEL_WORDS[label] + "<|endoftext|>"
         rec["ids"] = prompt + answer
         rec["n_answer"] = len(answer)
+        rec["n_targets"] = len(answer) if self.loss_on == "label" else len(rec["ids"]) - 1
         return rec
 
     def __len__(self):
@@ -155,9 +209,13 @@ class CustomDataLoader:
         """This rank's share of global batch i (an endless stream over the epochs)."""
         return self.collate([self.records[j] for j in self._picks(i)])
 
-    def _picks(self, i):
+    def global_targets(self, i):
+        """Target tokens in global batch i, every rank's share: known without asking the other ranks."""
+        return sum(self.records[j]["n_targets"] for r in range(self.world_size) for j in self._picks(i, r))
+
+    def _picks(self, i, rank=None):
         n, B = len(self.records), self.batch_size
-        start = (i * self.world_size + self.rank) * B
+        start = (i * self.world_size + (self.rank if rank is None else rank)) * B
         return [self._order(k // n)[k % n] for k in range(start, start + B)]
 
     def __iter__(self):
@@ -172,6 +230,7 @@ class CustomDataLoader:
     def collate(self, recs):
         """Right-padded (x, y): y is x shifted by one, -1 on padding and, with loss_on=label, the prompt."""
         T = max(len(r["ids"]) for r in recs) - 1
+        T = min(-(-T // self.pad_multiple) * self.pad_multiple, self.block_size)
         x = torch.full((len(recs), T), self.tokenizer.eot_token, dtype=torch.long)
         y = torch.full((len(recs), T), -1, dtype=torch.long)
         for b, r in enumerate(recs):

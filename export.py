@@ -21,8 +21,14 @@ import shutil
 import sys
 from dataclasses import asdict
 
-import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file, save_file
 
+from checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, PEFT_TARGETS, load_checkpoint
+from common import as_config_error, hub_offline, save_atomic
+from configurator import ConfigError, configure, run_cli, settings_of
+from lora import LoRALinear, is_lora_param, lora_state_dict
+from model import GPT
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export (its ckpt.pt), or where an imported adapter's ckpt.pt goes
@@ -32,36 +38,19 @@ tokenizer_dir = ''  # a folder with GPT-2's vocab.json and merges.txt, when the 
 adapter = ''  # import_peft: the adapter folder
 init_from = ''  # import_peft: the base model; '' means the adapter's base_model_name_or_path
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-
-from configurator import ConfigError, configure, run_cli  # noqa: E402
-from lora import is_lora_param, lora_state_dict  # noqa: E402
-
+DEFAULTS = settings_of(globals())
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
-PEFT_PREFIX = "base_model.model."
-PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"  # "c_proj" alone would also match the MLP's projection
-
-
-def copy_lora_into_peft(model, peft_model):
-    """Set a live PEFT model's LoRA matrices (adapter "default") to this repository's model's."""
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for k, v in lora_state_dict(model).items():
-            params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
 
 
 def hf_state_dict(model):
-    """The merged weights under transformers' GPT-2 names, Conv1D weights as (in, out)."""
-    from model import CONV1D_WEIGHTS
-    was_training = model.training
-    model.eval()  # merge LoRA into W
-    state = {}
-    for k, v in model.named_parameters():
-        if is_lora_param(k) or k == "lm_head.weight":  # lm_head is tied to wte
-            continue
-        state[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).detach().contiguous().clone()
-    model.train(was_training)
-    return state
+    """The weights with the LoRA update merged, under transformers' GPT-2 names, Conv1D weights as (in, out)."""
+    state = model.state_dict()  # W un-merged, whatever the model's mode (see lora.py)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.is_lora():
+            w = state[f"{name}.weight"]
+            state[f"{name}.weight"] = (w.float() + module.delta_weight()).to(w.dtype)
+    return {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous() for k, v in state.items()
+            if not is_lora_param(k) and k != "lm_head.weight"}  # lm_head is tied to wte
 
 
 def hf_config(config):
@@ -81,8 +70,7 @@ def copy_tokenizer(base_model, tokenizer_dir, dest):
                 return os.path.join(folder, name)
         if base_model and not os.path.isdir(base_model):
             try:
-                from huggingface_hub import hf_hub_download
-                return hf_hub_download(base_model, name)
+                return hf_hub_download(base_model, name, local_files_only=hub_offline())
             except Exception:  # not on the hub, or offline and not cached: the export works without it
                 return None
         return None
@@ -101,7 +89,6 @@ def write_json(obj, path):
 
 
 def export_hf(model, base_model, dest, tokenizer_dir=''):
-    from safetensors.torch import save_file
     os.makedirs(dest, exist_ok=True)
     write_json(hf_config(model.config), os.path.join(dest, "config.json"))
     save_file(hf_state_dict(model), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
@@ -109,7 +96,6 @@ def export_hf(model, base_model, dest, tokenizer_dir=''):
 
 
 def export_peft(model, base_model, dest):
-    from safetensors.torch import save_file
     cfg = model.config
     if cfg.lora_rank == 0:
         raise ConfigError("this run has no LoRA (lora_rank=0): export it with --format=hf")
@@ -126,9 +112,6 @@ def export_peft(model, base_model, dest):
 
 def import_peft(adapter_dir, base_model, dest):
     """An adapter-only ckpt.pt in dest from a PEFT LoRA adapter of GPT-2's attention."""
-    from safetensors.torch import load_file
-
-    from model import GPT
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         acfg = json.load(f)
     if acfg.get("peft_type") != "LORA" or acfg.get("use_rslora") or acfg.get("use_dora"):
@@ -147,7 +130,6 @@ def import_peft(adapter_dir, base_model, dest):
         state.setdefault(k, v)
     model.load_state_dict(state, strict=False)
     os.makedirs(dest, exist_ok=True)
-    from train import save_atomic
     save_atomic({"model": state, "adapter_only": True, "model_args": asdict(model.config), "iter_num": 0,
                  "base_model": base_model, "config": {"imported_from": adapter_dir}},
                 os.path.join(dest, "ckpt.pt"))
@@ -156,22 +138,20 @@ def import_peft(adapter_dir, base_model, dest):
 
 def main(argv):
     c = configure(DEFAULTS, argv)
-    from model import load_checkpoint
-    from train import as_config_error
-    if c['format'] == 'import_peft':
-        if not c['adapter']:
+    if c.format == 'import_peft':
+        if not c.adapter:
             raise ConfigError("import_peft needs --adapter=path/to/adapter_folder")
-        as_config_error(import_peft, c['adapter'], c['init_from'], c['out_dir'])
-        print(f"wrote {os.path.join(c['out_dir'], 'ckpt.pt')}; evaluate it with "
-              f"python generate.py --init_from=resume --out_dir={c['out_dir']}")
+        as_config_error(import_peft, c.adapter, c.init_from, c.out_dir)
+        print(f"wrote {os.path.join(c.out_dir, 'ckpt.pt')}; evaluate it with "
+              f"python generate.py --init_from=resume --out_dir={c.out_dir}")
         return
-    if c['format'] not in ('hf', 'peft'):
-        raise ConfigError(f"format must be 'hf', 'peft' or 'import_peft', not {c['format']!r}")
-    model, ckpt = as_config_error(load_checkpoint, os.path.join(c['out_dir'], 'ckpt.pt'))
-    dest = c['export_dir'] or os.path.join(c['out_dir'], c['format'])
+    if c.format not in ('hf', 'peft'):
+        raise ConfigError(f"format must be 'hf', 'peft' or 'import_peft', not {c.format!r}")
+    model, ckpt = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
+    dest = c.export_dir or os.path.join(c.out_dir, c.format)
     base_model = ckpt.get('base_model', '')
-    if c['format'] == 'hf':
-        copied = export_hf(model, base_model, dest, c['tokenizer_dir'])
+    if c.format == 'hf':
+        copied = export_hf(model, base_model, dest, c.tokenizer_dir)
         print(f"wrote a transformers GPT-2 checkpoint to {dest}"
               + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found: pass --tokenizer_dir)"))
     else:
@@ -180,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

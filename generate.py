@@ -3,32 +3,39 @@ Test accuracy of a fine-tuned or pretrained GPT-2 on Rotten Tomatoes: the label 
 the model generates after the prompt it was trained on.
 
     python generate.py --init_from=resume --out_dir=gpt-lora-default        # a train.py run
-    python generate.py --init-from=gpt2-medium --out_dir=gpt2-medium-zero-shot   # prompting alone
-    python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=...
-    python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score   # faster
+    python generate.py --init_from=gpt2-medium --out_dir=gpt2-medium-zero-shot   # prompting alone
+    python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=gpt2-medium-4-shot
+    python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score --num_samples=200
 
 A prediction is the label word (positive / negative) that the continuation starts with, ignoring
 leading whitespace and case; a continuation that starts with neither, or also names the other
 label, is wrong and counts as unparseable. mode=score instead compares the probabilities of the two
-label words after the prompt, in one forward pass per batch. Writes out_dir/results.json and
-out_dir/predictions.jsonl.
+label words after the prompt, in one forward pass per batch. num_samples=N evaluates N reviews drawn
+at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
+positions of the reviews evaluated) and out_dir/predictions.jsonl.
 """
 
 import json
 import os
-import random
-import re
 import sys
 import time
 
+import tiktoken
 import torch
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint
+from common import as_config_error, autocast, pick_device, pick_dtype, save_atomic
+from configurator import check, configure, override, run_cli, settings_of
+from dataloader import LABEL_WORDS, encode_prompt, few_shot_demonstrations, load_splits, parse_label, stratified_subset
+from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), gpt2 .. gpt2-xl, a hub id or a local checkpoint directory
 out_dir = 'out'  # the run to evaluate, and where results.json and predictions.jsonl go
-dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directory of split files
+dataset = ''  # hub id or local directory of split files; '': the run's own (resume), else Rotten Tomatoes
 split = 'test'
-num_samples = 0  # reviews to evaluate; 0: the whole split
+num_samples = 0  # reviews to evaluate, drawn at random (seeded), each label in its share; 0: the whole split
 batch_size = 32
 mode = 'generate'  # 'generate': generate and match the label word; 'score': compare the two label words' probabilities
 prompt_style = 'zero_shot'  # 'zero_shot': the instruction alone; 'few_shot': num_shots solved examples first
@@ -36,90 +43,64 @@ num_shots = 4  # few-shot demonstrations, balanced between the labels, drawn fro
 max_new_tokens = 5
 temperature = 0.0  # 0: greedy decoding; > 0: sampling
 top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
-seed = 1337
+seed = 1337  # the reviews of num_samples, the few-shot examples and sampling
 device = 'auto'  # auto: cuda, else mps, else cpu
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-
-from configurator import ConfigError, configure, run_cli  # noqa: E402
-from dataloader import LABEL_WORDS, encode_prompt, load_splits  # noqa: E402
-
-LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
+DEFAULTS = settings_of(globals())
+ROTTEN_TOMATOES = 'cornell-movie-review-data/rotten_tomatoes'
 
 
-def parse_label(generation):
-    """1 for positive, 0 for negative, None when the continuation doesn't start with exactly one of them."""
-    m = LABEL_RE.match(generation)
-    if m is None:
-        return None
-    word = m.group(1).lower()
-    other = LABEL_WORDS[1 - LABEL_WORDS.index(word)]
-    if re.search(rf"\b{other}\b", generation, re.IGNORECASE):
-        return None
-    return LABEL_WORDS.index(word)
+def check_settings(c):
+    check([
+        (c.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {c.max_new_tokens}"),
+        (c.num_samples < 0, f"num_samples must be >= 1 (or 0 for the whole split), not {c.num_samples}"),
+        (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
+        (c.temperature < 0, f"temperature must be >= 0 (0 is greedy), not {c.temperature}"),
+        (c.top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {c.top_k}"),
+        (c.mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {c.mode!r}"),
+        (c.prompt_style not in ('zero_shot', 'few_shot'),
+         f"prompt_style must be 'zero_shot' or 'few_shot', not {c.prompt_style!r}"),
+        (c.prompt_style == 'few_shot' and c.num_shots < 1, f"num_shots must be >= 1 for few_shot, not {c.num_shots}"),
+    ])
 
 
-def few_shot_demonstrations(train_split, k, seed):
-    """k solved (text, label) examples, as balanced as k allows, in a seeded random order."""
-    rng = random.Random(seed)
-    by_label = {y: [i for i, lab in enumerate(train_split['label']) if lab == y] for y in (0, 1)}
-    first = rng.randrange(2)
-    labels = [(first + j) % 2 for j in range(k)]
-    picks = [(i, y) for y in (0, 1) for i in rng.sample(by_label[y], labels.count(y))]
-    rng.shuffle(picks)
-    return [(train_split[i]['text'], y) for i, y in picks]
+def load_model(c):
+    """The model to evaluate and the data set it goes with (for resume, the one it was trained on)."""
+    if c.init_from != 'resume':
+        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES
+    path = os.path.join(c.out_dir, 'ckpt.pt')
+    model, ckpt = as_config_error(load_checkpoint, path)
+    return model, c.dataset or ckpt.get('config', {}).get('dataset') or ROTTEN_TOMATOES
 
 
 class ModelSampler:
+    """ModelSampler(**settings): any of the settings above, the rest at their defaults."""
 
-    def __init__(self, init_from='resume', out_dir='out', device='auto', dtype='auto', max_new_tokens=5,
-                 temperature=0.0, top_k=0, dataset=DEFAULTS['dataset'], split='test', num_samples=0, batch_size=32,
-                 seed=1337, mode='generate', prompt_style='zero_shot', num_shots=4):
-        import tiktoken
-        from model import GPT, load_checkpoint
-        from train import as_config_error, autocast, pick_device, pick_dtype
-        rules = [
-            (max_new_tokens < 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
-            (num_samples < 0, f"num_samples must be >= 1 (or 0 for the whole split), not {num_samples}"),
-            (batch_size < 1, f"batch_size must be >= 1, not {batch_size}"),
-            (temperature < 0, f"temperature must be >= 0 (0 is greedy), not {temperature}"),
-            (top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {top_k}"),
-            (mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {mode!r}"),
-            (prompt_style not in ('zero_shot', 'few_shot'), f"prompt_style must be 'zero_shot' or 'few_shot', not {prompt_style!r}"),
-            (prompt_style == 'few_shot' and num_shots < 1, f"num_shots must be >= 1 for few_shot, not {num_shots}"),
-        ]
-        for bad, message in rules:
-            if bad:
-                raise ConfigError(message)
-        self.settings = dict(init_from=init_from, out_dir=out_dir, dataset=dataset, split=split, mode=mode,
-                             prompt_style=prompt_style, num_shots=num_shots if prompt_style == 'few_shot' else 0,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                             batch_size=batch_size)
-        self.device = pick_device(device)
-        self.ctx = autocast(self.device, pick_dtype(dtype, self.device))
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
-        self.batch_size, self.mode = batch_size, mode
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+    def __init__(self, **settings):
+        c = self.settings = override(DEFAULTS, settings)
+        check_settings(c)
+        self.device = pick_device(c.device)
+        self.ctx = autocast(self.device, pick_dtype(c.dtype, self.device))
+        self.generator = torch.Generator(self.device).manual_seed(c.seed)
         self.enc = tiktoken.get_encoding('gpt2')
         self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
 
-        if init_from == 'resume':
-            self.model, _ = as_config_error(load_checkpoint, os.path.join(out_dir, 'ckpt.pt'))
-        else:
-            self.model = as_config_error(GPT.from_pretrained, init_from)
-        self.model.eval()  # merges LoRA into W: inference costs what the model without LoRA costs
-        self.model.to(self.device)
-
-        splits = (split, 'train') if prompt_style == 'few_shot' else (split,)
-        data = as_config_error(load_splits, dataset, splits)
-        self.records = data[split]
-        if num_samples:
-            self.records = self.records.select(range(min(num_samples, len(self.records))))
-        self.demonstrations = few_shot_demonstrations(data['train'], num_shots, seed) if prompt_style == 'few_shot' else ()
+        model, c.dataset = load_model(c)
+        # on the device first: eval() picks the GELU for it, and merges LoRA into W, so inference
+        # costs what the model without LoRA costs
+        self.model = model.to(self.device).eval()
+        splits = (c.split, 'train') if c.prompt_style == 'few_shot' else (c.split,)
+        data = as_config_error(load_splits, c.dataset, splits)
+        self.split_size = len(data[c.split])
+        self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
+        self.records = data[c.split].select(self.indices)
+        self.demonstrations = (few_shot_demonstrations(data['train'], c.num_shots, c.seed)
+                               if c.prompt_style == 'few_shot' else ())
 
     def prompt_ids(self, text):
-        return encode_prompt(self.enc, text, self.model.config.block_size - self.max_new_tokens, self.demonstrations)
+        return encode_prompt(self.enc, text, self.model.config.block_size - self.settings.max_new_tokens,
+                             self.demonstrations)
 
     def _left_pad(self, prompts):
         T = max(len(p) for p in prompts)
@@ -135,15 +116,15 @@ class ModelSampler:
         Decoded continuation of each prompt (token id lists), cut at end-of-text. prefix: (ids, cache)
         of model.prefix_cache, for prompts that all begin with those ids and go on past them.
         """
+        c = self.settings
         ids, cache = prefix or ((), None)
         prompts = [p[len(ids):] for p in prompts]
         idx, mask = self._left_pad(prompts)
         with self.ctx:
-            if self.mode == 'score':
+            if c.mode == 'score':
                 logits = self.model.last_logits(idx, mask, cache, rows=self.label_ids)
                 return [' ' + LABEL_WORDS[int(i)] for i in logits.argmax(dim=-1)]
-            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, mask, self.generator,
-                                      cache)
+            out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, mask, self.generator, cache)
         texts = []
         for row in out[:, idx.size(1):].tolist():
             if self.enc.eot_token in row:
@@ -169,14 +150,14 @@ class ModelSampler:
 
     def predictions(self, progress=True):
         """One dict per review (text, label, prompt, generation, prediction), in data set order."""
-        from tqdm import tqdm
         recs = [dict(text=r['text'], label=r['label'], ids=self.prompt_ids(r['text'])) for r in self.records]
         # the instruction (and few-shot examples) that begin every prompt are computed once
         prefix = self._shared_prefix([r['ids'] for r in recs])
         # batches of similar lengths waste little on padding; the predictions do not depend on it
         order = sorted(range(len(recs)), key=lambda i: len(recs[i]['ids']))
-        for s in tqdm(range(0, len(order), self.batch_size), desc='evaluating', unit='batch', disable=not progress):
-            part = order[s:s + self.batch_size]
+        bs = self.settings.batch_size
+        for s in tqdm(range(0, len(order), bs), desc='evaluating', unit='batch', disable=not progress):
+            part = order[s:s + bs]
             for i, gen in zip(part, self._continuations([recs[i]['ids'] for i in part], prefix)):
                 recs[i]['generation'] = gen
         for r in recs:
@@ -201,13 +182,16 @@ class ModelSampler:
 
     def write_results(self, out_dir):
         """results.json and predictions.jsonl of the last get_accuracy(), written atomically."""
-        from train import save_atomic
+        c = self.settings
         accuracy, pos, neg = self.counts()
         os.makedirs(out_dir, exist_ok=True)
         n = len(self.results)
         summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
                        seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
-                       **self.settings)
+                       **{k: c[k] for k in ('init_from', 'out_dir', 'dataset', 'split', 'mode', 'prompt_style',
+                                            'max_new_tokens', 'temperature', 'top_k', 'seed', 'batch_size')},
+                       num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
+                       reviews=self.indices if n < self.split_size else 'all')  # positions in the split
         save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'))
         lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
         save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
@@ -218,13 +202,13 @@ def main(argv):
     c = configure(DEFAULTS, argv)
     sampler = ModelSampler(**c)
     accuracy, pos, neg = sampler.get_accuracy()
-    summary = sampler.write_results(c['out_dir'])
+    summary = sampler.write_results(c.out_dir)
     print(f"Accuracy: {accuracy:.4f}, Positive Predictions: {pos}, Negative Predictions: {neg}, "
           f"Unparseable: {summary['unparseable']} ({summary['n']} reviews, {summary['seconds']:.1f} s, "
           f"{summary['examples_per_second']:.1f} reviews/s)")
-    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} and predictions.jsonl")
+    print(f"wrote {os.path.join(c.out_dir, 'results.json')} and predictions.jsonl")
     return summary
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

@@ -6,20 +6,29 @@ where A is (r, in) and B is (out, r). B starts at zero, so a fresh layer compute
 pretrained nn.Linear computed. For inference the update can be folded into W ("merged"), which makes
 a LoRA model exactly as fast as the model without LoRA.
 
-Merging follows the module's mode, in one place (`train(mode)`):
-    layer.eval() / model.eval()    ->  W <- W + scaling * B @ A   (once; calling it again is a no-op)
-    layer.train() / model.train()  ->  W <- W - scaling * B @ A   (once)
+Merging is explicit, idempotent and safe (an update holding NaN is refused; the sum is computed in
+float32 and rounded once, also for half-precision weights):
+    layer.merge()    W <- W + scaling * B @ A   (once; calling it again does nothing)
+    layer.unmerge()  W <- W - scaling * B @ A   (once)
+and it follows the module's mode, as the homework asks: model.eval() merges, model.train() un-merges.
 nn.Module.eval() calls train(False) on every child and never a child's eval(), so overriding
 train() is what makes model.eval() merge too (loralib only overrode eval(): microsoft/LoRA#61).
+For a loss estimate in the middle of training, `with evaluating(model):` switches dropout off
+and keeps LoRA un-merged, so W is never rounded by merging and un-merging at every evaluation.
 
 What a state_dict() means: it always holds the *un-merged* base weight W next to lora_A and lora_B,
 whatever mode the layer is in. A checkpoint saved from a model in eval mode therefore loads into a
 fresh model (in either mode) with the same outputs, and the update is never added twice. Loading
 into a merged layer keeps it merged, with the loaded A and B; that includes loading only the LoRA
 tensors (lora_state_dict) with strict=False.
+
+    model = mark_only_lora_as_trainable(model)        # only lora_A and lora_B train
+    trainable, total, percent = parameter_summary(model)
+    torch.save(lora_state_dict(model), "adapter.pt")  # a few MB
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -33,6 +42,7 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.lora_rank = lora_rank
         self.has_weights_merged = False
+        self.merge_on_eval = True  # eval() merges; see evaluating()
         if lora_rank > 0:
             self.lora_alpha = lora_alpha
             self.lora_scaling = lora_alpha / lora_rank
@@ -60,22 +70,38 @@ class LoRALinear(nn.Linear):
         self.has_weights_merged = False
 
     def delta_weight(self):
-        """scaling * B @ A, the update that merging adds to W (no autograd history)."""
-        return (self.lora_scaling * (self.lora_B.detach() @ self.lora_A.detach())).to(self.weight.dtype)
+        """scaling * B @ A in float32, the update that merging adds to W (no autograd history)."""
+        return self.lora_scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     @torch.no_grad()
-    def _set_merged(self, merged):
-        if not self.is_lora() or merged == self.has_weights_merged:
-            return
-        if merged:
-            self.weight.add_(self.delta_weight())
-        else:
-            self.weight.sub_(self.delta_weight())
-        self.has_weights_merged = merged
+    def _add_delta(self, sign):
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("the LoRA update holds NaN or infinite values (the training diverged); "
+                             "refusing to add it to the weights")
+        # in float32 and rounded once, also when W is kept in half precision
+        self.weight.copy_(self.weight.float() + sign * delta)
+
+    def merge(self):
+        """Fold the update into W: the layer then costs what an nn.Linear costs. Merging twice does nothing."""
+        if self.is_lora() and not self.has_weights_merged:
+            self._add_delta(1)
+            self.has_weights_merged = True
+        return self
+
+    def unmerge(self):
+        """Take the update out of W again, for training. Un-merging twice does nothing."""
+        if self.is_lora() and self.has_weights_merged:
+            self._add_delta(-1)
+            self.has_weights_merged = False
+        return self
 
     def train(self, mode=True):
         super().train(mode)
-        self._set_merged(not mode)
+        if mode:
+            self.unmerge()
+        elif self.merge_on_eval:
+            self.merge()
         return self
 
     def forward(self, x):
@@ -87,13 +113,14 @@ class LoRALinear(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.has_weights_merged:  # see the module docstring: W is always saved un-merged
-            destination[prefix + "weight"] = self.weight.detach() - self.delta_weight()
+            destination[prefix + "weight"] = (self.weight.detach().float() - self.delta_weight()).to(self.weight.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         merged = self.has_weights_merged
-        self._set_merged(False)  # load W, A, B as the un-merged tensors they are ...
+        self.unmerge()  # load W, A, B as the un-merged tensors they are ...
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._set_merged(merged)  # ... then fold the loaded update back in
+        if merged:
+            self.merge()  # ... then fold the loaded update back in
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -116,3 +143,25 @@ def mark_only_lora_as_trainable(model):
 def lora_state_dict(model):
     """Only the LoRA tensors of model.state_dict(): a few MB instead of the whole model."""
     return {k: v for k, v in model.state_dict().items() if is_lora_param(k)}
+
+
+def parameter_summary(model):
+    """(trainable, total, percent trainable): homework question 2.3."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total, 100.0 * trainable / total
+
+
+@contextmanager
+def evaluating(model):
+    """model.eval() for a loss estimate during training, LoRA kept un-merged; the mode is restored after."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    was_training = model.training
+    for m in layers:
+        m.merge_on_eval = False
+    try:
+        yield model.eval()
+    finally:
+        model.train(was_training)
+        for m in layers:
+            m.merge_on_eval = True

@@ -1,6 +1,8 @@
 """
 GPT-2 in one file, after nanoGPT (karpathy/nanoGPT model.py), with LoRA in the attention.
 
+    python model.py     # trainable parameters of LoRA r=16/128/196 on every GPT-2 size (question 2.3)
+
 The attention's fused query/key/value projection `c_attn` and its output projection `c_proj` are
 LoRALinear layers (lora.py): one rank-r update for q, k and v together, as the homework asks.
 The MLP stays nn.Linear. With lora_rank=0 this is plain GPT-2.
@@ -16,14 +18,15 @@ generate one at a time.
 
 import inspect
 import math
-import os
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import LoRALinear, is_lora_param, lora_state_dict
+from configurator import run_cli
+from lora import LoRALinear, mark_only_lora_as_trainable, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -33,8 +36,6 @@ PRETRAINED_SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")
-# Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -95,23 +96,25 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu = gelu  # GPT.train() picks the GELU for the mode and device
 
     def forward(self, x):
-        h = self.c_fc(x)
-        # GPT-2's "gelu_new" is the tanh approximation
-        fast = h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_grad_enabled()
-        h = gelu_no_grad(h) if fast else F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-def gelu_no_grad(x):
+def gelu(x):
+    """GPT-2's GELU ("gelu_new"), the tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_sigmoid(x):
     """
-    GPT-2's tanh GELU for float32 inference on CPU: x * sigmoid(2u) equals 0.5 x (1 + tanh u), with
-    u = sqrt(2/pi) (x + 0.044715 x^3). It works in place on its own result, so it has no autograd.
-    About twice as fast as F.gelu there, whose tanh is slow; the two differ by a few float32 roundings.
+    GPT-2's GELU written as x * sigmoid(2u), which equals 0.5 x (1 + tanh u) with
+    u = sqrt(2/pi) (x + 0.044715 x^3); the two differ by a few float32 roundings. For inference on a
+    CPU it is twice as fast as F.gelu, whose tanh is slow there; its backward is slower than F.gelu's.
     """
     c = 2 * math.sqrt(2 / math.pi)
-    return torch.addcmul(x.new_tensor(c), x, x, value=0.044715 * c).mul_(x).sigmoid_().mul_(x)
+    return torch.sigmoid(torch.addcmul(x.new_tensor(c), x, x, value=0.044715 * c) * x) * x
 
 
 class Block(nn.Module):
@@ -185,30 +188,35 @@ class GPT(nn.Module):
             presents.append(kv)
         return self.transformer.ln_f(x), presents
 
-    def forward(self, idx, targets=None, targets_only=False):
+    def forward(self, idx, targets=None, targets_only=False, positions=None):
         """
         (logits, loss). Without targets: logits of the last position only (inference). With targets
-        (-1 = ignore): logits of every position, or with targets_only=True only of the positions that
-        have a target, as (N, vocab). targets_only skips most of the LM head when few tokens are
-        learned, and the last block's work on the positions before the first target.
+        (-1 = ignore): logits of every position; or, with targets_only=True, only of the positions that
+        have a target, as (N, vocab), which skips most of the LM head when few tokens are learned and
+        the last block's work on the columns before the first target. positions: target_positions(targets)
+        computed beforehand where the targets are (train.py: on the host), so that the device never
+        waits to learn them; it implies targets_only.
         """
         if targets is None:
             x, _ = self.hidden_states(idx, first=idx.size(1) - 1)
             return self.lm_head(x), None
-        if targets_only:
-            keep = targets != -1
-            first = 0
-            if not torch.compiler.is_compiling():  # a data-dependent slice would recompile for every value
-                columns = keep.any(0).nonzero()
-                first = int(columns[0]) if len(columns) else 0
+        if targets_only or positions is not None:
+            first, index = positions or target_positions(targets, trim=not torch.compiler.is_compiling())
             x, _ = self.hidden_states(idx, first=first)
-            keep = keep[:, first:]
-            logits = self.lm_head(x[keep])
-            return logits, F.cross_entropy(logits, targets[:, first:][keep])
+            logits = self.lm_head(x.reshape(-1, x.size(-1))[index])
+            return logits, F.cross_entropy(logits, targets[:, first:].reshape(-1)[index])
         x, _ = self.hidden_states(idx)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def train(self, mode=True):
+        super().train(mode)
+        # the GELU follows the mode: for inference on a CPU the faster form of the same function
+        act = gelu_sigmoid if not mode and self.lm_head.weight.device.type == "cpu" else gelu
+        for block in self.transformer.h:
+            block.mlp.gelu = act
+        return self
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to save memory when fine-tuning on short texts)."""
@@ -218,41 +226,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory."""
-        override_args = dict(override_args or {})
-        unknown = sorted(set(override_args) - set(OVERRIDABLE))
-        if unknown:
-            raise ValueError(f"from_pretrained cannot override {', '.join(unknown)}; "
-                             f"only {', '.join(OVERRIDABLE)} can be set, the rest comes from the checkpoint")
-        hc, sd_hf = read_hf_checkpoint(model_type)
-        unsupported = [what for what, bad in (
-            (f"model_type {hc.get('model_type')}", hc.get("model_type", "gpt2") != "gpt2"),
-            (f"activation {hc.get('activation_function')}",
-             hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
-            (f"n_inner={hc.get('n_inner')}", hc.get("n_inner") not in (None, 4 * hc["n_embd"])),
-            (f"layer_norm_epsilon={hc.get('layer_norm_epsilon')}", hc.get("layer_norm_epsilon", 1e-5) != 1e-5),
-            ("scale_attn_by_inverse_layer_idx", hc.get("scale_attn_by_inverse_layer_idx", False)),
-            ("scale_attn_weights=False", not hc.get("scale_attn_weights", True)),
-            ("add_cross_attention", hc.get("add_cross_attention", False)),
-        ) if bad]
-        if unsupported:
-            raise ValueError(f"'{model_type}' is not a plain GPT-2 ({', '.join(unsupported)})")
-        config_args = dict(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"],
-                           block_size=hc["n_positions"], vocab_size=hc["vocab_size"], bias=True)
-        config_args.update(override_args)
-        model = cls(GPTConfig(**config_args))
-
-        sd = model.state_dict()
-        expected = {k for k in sd if not is_lora_param(k) and k != "lm_head.weight"}
-        missing = expected - set(sd_hf)
-        if missing:
-            raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for k in expected:
-                v = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
-                assert v.shape == sd[k].shape, f"{k}: checkpoint {tuple(v.shape)}, model {tuple(sd[k].shape)}"
-                sd[k].copy_(v)
-        return model
+        """
+        GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory.
+        override_args may set dropout and the LoRA settings; the rest comes from the checkpoint.
+        """
+        import checkpoint  # checkpoint.py reads the files and builds on this module, so not at the top
+        return checkpoint.from_pretrained(model_type, override_args, cls)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the trainable parameters only; matrices decay, biases and LayerNorms don't."""
@@ -349,108 +328,19 @@ class GPT(nn.Module):
         return out
 
 
-def error_summary(e):
-    """'TypeName: first line of the message' (at most 200 characters of it), for one-line errors."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
-def read_hf_checkpoint(model_type):
+def target_positions(targets, trim=True):
     """
-    (config dict, state dict) of a Hugging Face GPT-2 checkpoint: a local directory or a hub id (through
-    the hub cache, so HF_HUB_OFFLINE=1 works). Reads the files directly, without building a
-    transformers model: faster, and no second copy of the weights in memory.
+    Where a (B, T) target tensor (-1 = none) has targets: (first, index) with first the first column
+    that holds one (0 unless trim) and index their flat positions in targets[:, first:].
     """
-    import json
-    def fail(why):
-        return ValueError(f"cannot load a GPT-2 checkpoint from '{model_type}': {why}; give gpt2, gpt2-medium, "
-                          f"gpt2-large, gpt2-xl, a hub id or a local directory with config.json and weights")
-    if os.path.isdir(model_type):
-        def fetch(name):
-            path = os.path.join(model_type, name)
-            return path if os.path.isfile(path) else None
-    elif model_type.startswith((".", "/", "~")) or model_type.count("/") > 1:
-        raise fail("no such directory")
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
-
-        def fetch(name):
-            try:
-                return hf_hub_download(model_type, name)
-            except EntryNotFoundError:
-                return None
-            except Exception as e:  # no such repository, no network and not in the cache, ...
-                raise fail(error_summary(e)) from None
-    config_path = fetch("config.json")
-    if config_path is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise fail("no config.json" + (" in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else ""))
-    with open(config_path) as f:
-        config = json.load(f)
-    if (index := fetch("model.safetensors.index.json")) is not None:
-        with open(index) as f:
-            files = [fetch(shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        files = [fetch("model.safetensors") or fetch("pytorch_model.bin")]
-    if None in files:
-        raise fail("no model.safetensors or pytorch_model.bin")
-    state = {}
-    for path in files:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state.update(load_file(path))
-        else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
-    # GPT2Model checkpoints (OpenAI's) have no "transformer." prefix; GPT2LMHeadModel ones do
-    state = {("" if k.startswith(("transformer.", "lm_head.")) else "transformer.") + k: v for k, v in state.items()
-             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    return config, state
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a train.py ckpt.pt. weights_only: loading runs no pickled code."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}: train one first, or check --out_dir")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} cannot be loaded as a checkpoint ({error_summary(e)}); it may be truncated, "
-                         f"corrupted, or hold objects other than tensors") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
-        raise ValueError(f"{path} is not a train.py checkpoint (it needs 'model' and 'model_args')")
-    # torch.compile and DDP prefix the parameter names
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    try:
-        if ckpt.get("adapter_only"):  # only the LoRA tensors: the rest is the base model the run started from
-            args = ckpt["model_args"]
-            model = GPT.from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE})
-            if args["block_size"] < model.config.block_size:
-                model.crop_block_size(args["block_size"])
-            if asdict(model.config) != args:
-                raise ValueError(f"the adapter in {path} was trained on a model shaped {args}, but "
-                                 f"{ckpt['base_model']} is shaped {asdict(model.config)}")
-            missing = set(lora_state_dict(model)) ^ set(state)
-            if missing:
-                raise RuntimeError(f"adapter tensors differ from the model's, e.g. {sorted(missing)[0]}")
-            model.load_state_dict(state, strict=False)
-        else:
-            model = GPT(GPTConfig(**ckpt["model_args"]))
-            model.load_state_dict(state)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
-    return model, ckpt
-
-
-def parameter_summary(model):
-    """(trainable, total, percent trainable): homework question 2.3."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total, 100.0 * trainable / total
+    keep = targets != -1
+    columns = keep.any(0).nonzero()
+    first = int(columns[0]) if trim and len(columns) else 0
+    return first, keep[:, first:].reshape(-1).nonzero().squeeze(1)
 
 
 def lora_parameter_counts(model_type, lora_rank):
     """parameter_summary of a GPT-2 shape with LoRA of this rank, built on the meta device (no weights)."""
-    from lora import mark_only_lora_as_trainable
     with torch.device("meta"):
         model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank)))
     if lora_rank > 0:
@@ -458,10 +348,15 @@ def lora_parameter_counts(model_type, lora_rank):
     return parameter_summary(model)
 
 
-if __name__ == "__main__":
-    # homework question 2.3: trainable parameters of LoRA on each GPT-2 size, from shapes alone
+def print_parameter_table(argv):
+    if argv:
+        raise ValueError(f"model.py takes no arguments, not {argv[0]!r}: it prints the table for every GPT-2 size")
     print(f"{'model':<12} {'rank':>4} {'trainable':>12} {'total':>15} {'trainable %':>12}")
     for name in PRETRAINED_SHAPES:
         for r in (16, 128, 196):
             trainable, total, pct = lora_parameter_counts(name, r)
             print(f"{name:<12} {r:>4} {trainable:>12,} {total:>15,} {pct:>11.2f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(print_parameter_table, sys.argv[1:], __file__, errors=(ValueError,)))

@@ -3,22 +3,29 @@ Train and evaluate a grid of methods with one command: the homework's table (que
 validation-loss plot (questions 2.2 and 2.8).
 
     python sweep.py --init_from=gpt2-medium --out_dir=sweep
-    python sweep.py --init_from=gpt2-medium --ranks=8,32 --full_finetune=False --max_iters=200
+    python sweep.py --init_from=gpt2-medium --ranks=8,32 --full_finetune=False --max_iters=200 --out_dir=sweep-small
+    python sweep.py --init_from=gpt2-medium --seeds=1337,1338,1339 --out_dir=sweep   # run-to-run spread
 
 By default: the untouched model with the instruction alone (zero-shot), few-shot prompting, LoRA with
-r in {16, 128, 196} and alpha = 4r, and full fine-tuning. Each run is a train.py and/or generate.py
-command in its own folder under out_dir; out_dir/results.md lists every run with its command, and
-out_dir/val_loss.png shows the validation-loss curves of all training runs. A failed run is reported
-in the table with its error and the others go on. Running the same command again skips the runs
-that finished (their results.json exists) and resumes the ones that did not.
+r in {16, 128, 196} and alpha = 4r, and full fine-tuning; with several seeds every training run is
+repeated once per seed. Each run is a train.py and/or generate.py command in its own folder under
+out_dir; out_dir/results.md lists every run with its command (and, with several seeds, each
+method's mean and spread), and out_dir/val_loss.png shows the validation-loss curves. A failed run is
+reported in the table with its error and the others go on. Running the command again reuses the runs
+that finished with exactly these settings and resumes the ones that did not; a folder that holds a
+run with other settings is an error, or with --overwrite=True is deleted and run again.
 """
 
 import json
 import os
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+
+from configurator import ConfigError, check, configure, run_cli, settings_of
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2-medium'  # the base model of every run
@@ -31,49 +38,99 @@ ranks = '16,128,196'  # LoRA ranks, comma-separated; '' for none
 alpha_per_rank = 4.0  # lora_alpha = alpha_per_rank * rank
 lora_lr = 5e-4
 full_finetune = True  # also fine-tune every parameter (lora_rank=0)
-full_lr = 5e-5
+full_lr = 1e-4  # every weight moves, and moves far at LoRA's rate: 5x lower
 max_iters = 400
 batch_size = 16
 eval_interval = 50
 eval_iters = 20
+seeds = '1337'  # training seeds, comma-separated: each training run once per seed (1337 is train.py's default)
 train_args = ''  # more train.py flags for every training run, e.g. '--loss_on=all --dtype=float16'
 mode = 'generate'  # test accuracy by 'generate' (the homework's rule) or 'score'
-num_samples = 0  # test reviews; 0: all
+num_samples = 0  # test reviews, drawn at random with each label in its share; 0: all
 eval_batch_size = 32
-keep_checkpoints = False  # ckpt.pt of a finished run is deleted unless True (gpt2-medium: 1.4 GB each)
+keep_checkpoints = False  # ckpt.pt of a finished run is deleted unless True
+overwrite = False  # redo runs whose folder holds a run with other settings (deleting it first)
 device = 'auto'
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+DEFAULTS = settings_of(globals())
+DEFAULT_SEED = 1337  # train.py's: runs with it need no --seed and no suffix
 
-from configurator import ConfigError, configure, run_cli  # noqa: E402
+
+def int_list(text, name):
+    try:
+        return [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers like '16,128,196', not {text!r}") from None
 
 
 def plan(c):
-    """The runs: name, method, rank, alpha, and the train.py / generate.py flags of each."""
+    """The runs: name, group (the name without its seed), method, rank, alpha, lr, seed, and their flags."""
     data = [f'--dataset={c.dataset}', f'--device={c.device}']
     evaluate = [f'--mode={c.mode}', f'--num_samples={c.num_samples}', f'--batch_size={c.eval_batch_size}']
     runs = []
-    if c.zero_shot:
-        runs.append(dict(name='zero-shot', method='zero-shot prompting', rank=None, alpha=None, train=None,
-                         eval=[f'--init_from={c.init_from}', *data, *evaluate]))
+    prompting = [('zero-shot', 'zero-shot prompting', [])] if c.zero_shot else []
     if c.few_shot:
-        runs.append(dict(name=f'few-shot-{c.num_shots}', method=f'{c.num_shots}-shot prompting', rank=None,
-                         alpha=None, train=None, eval=[f'--init_from={c.init_from}', *data, *evaluate,
-                                                       '--prompt_style=few_shot', f'--num_shots={c.num_shots}']))
-    try:
-        rank_list = [int(r) for r in c.ranks.split(',') if r.strip()]
-    except ValueError:
-        raise ConfigError(f"ranks must be comma-separated integers like '16,128,196', not {c.ranks!r}") from None
-    training = [(f'lora-r{r}', 'LoRA', r, c.alpha_per_rank * r, c.lora_lr) for r in rank_list]
+        prompting.append((f'few-shot-{c.num_shots}', f'{c.num_shots}-shot prompting',
+                          ['--prompt_style=few_shot', f'--num_shots={c.num_shots}']))
+    for name, method, extra in prompting:
+        runs.append(dict(name=name, group=name, method=method, rank=None, alpha=None, lr=None, seed=None, train=None,
+                         eval=[f'--init_from={c.init_from}', *data, *evaluate, *extra]))
+    training = [(f'lora-r{r}', 'LoRA', r, c.alpha_per_rank * r, c.lora_lr) for r in int_list(c.ranks, 'ranks')]
     if c.full_finetune:
         training.append(('full', 'full fine-tuning', 0, None, c.full_lr))
-    for name, method, r, alpha, lr in training:
-        flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
-                 f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}', f'--eval_interval={c.eval_interval}',
-                 f'--eval_iters={c.eval_iters}', *([f'--lora_alpha={alpha:g}'] if r else []), *shlex.split(c.train_args)]
-        runs.append(dict(name=name, method=method, rank=r, alpha=alpha, train=flags,
-                         eval=['--init_from=resume', *data, *evaluate]))
+    for group, method, r, alpha, lr in training:
+        for seed in int_list(c.seeds, 'seeds'):
+            flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
+                     f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
+                     f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}',
+                     *([f'--lora_alpha={alpha:g}'] if r else []), *([f'--seed={seed}'] if seed != DEFAULT_SEED else []),
+                     *shlex.split(c.train_args)]
+            name = group if seed == DEFAULT_SEED else f'{group}-seed{seed}'
+            runs.append(dict(name=name, group=group, method=method, rank=r, alpha=alpha, lr=lr, seed=seed,
+                             train=flags, eval=['--init_from=resume', *data, *evaluate]))
     return runs
+
+
+def flag_values(flags):
+    return dict(f.lstrip('-').split('=', 1) if '=' in f else (f, '') for f in flags or [])
+
+
+def difference(saved, spec):
+    """The flags in which two runs' commands differ, as 'key: old -> new'."""
+    out = []
+    for part in ('train', 'eval'):
+        a, b = flag_values(saved.get(part)), flag_values(spec[part])
+        out += [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+    return ', '.join(out) or 'a run of another kind'
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def clear_stale_runs(runs, c):
+    """A folder holding a run made with other settings: an error naming the difference, or (overwrite) deleted."""
+    stale = []
+    for run in runs:
+        run_dir = os.path.join(c.out_dir, run['name'])
+        spec = dict(train=run['train'], eval=run['eval'])
+        saved = read_json(os.path.join(run_dir, 'sweep_run.json'))
+        has_output = any(os.path.exists(os.path.join(run_dir, f)) for f in ('results.json', 'ckpt.pt', 'metrics.jsonl'))
+        if saved is not None and saved != spec:
+            stale.append((run_dir, difference(saved, spec)))
+        elif saved is None and has_output:
+            stale.append((run_dir, 'settings that were not recorded'))
+    if stale and not c.overwrite:
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise ConfigError(f"{stale[0][0]} holds a run made with other settings ({stale[0][1]}){more}: redo such runs "
+                          f"with --overwrite=True, or pick another --out_dir")
+    for run_dir, _ in stale:
+        shutil.rmtree(run_dir)
 
 
 def command(script, flags, run_dir):
@@ -93,14 +150,6 @@ def execute(cmd, log_path):
     return (lines[-1] if lines else f"exit status {p.returncode}")[:300]
 
 
-def read_json(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
-
-
 def read_metrics(run_dir):
     try:
         with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
@@ -110,21 +159,25 @@ def read_metrics(run_dir):
 
 
 def run_one(run, c):
-    """Train (or resume) and evaluate one run unless it finished before; its table row."""
+    """Train (or resume) and evaluate one run unless it finished before with these settings; its table row."""
     run_dir = os.path.join(c.out_dir, run['name'])
     os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'sweep_run.json'), 'w') as f:
+        json.dump(dict(train=run['train'], eval=run['eval']), f, indent=1)
     results_path = os.path.join(run_dir, 'results.json')
     ckpt = os.path.join(run_dir, 'ckpt.pt')
     train_cmd = None
     if run['train'] is not None:
         flags = run['train']
-        if os.path.exists(ckpt):  # an earlier sweep stopped after this run saved: continue it
+        if os.path.exists(ckpt) and not os.path.exists(results_path):  # stopped after it saved: continue it
             flags = ['--init_from=resume'] + [f for f in flags if not f.startswith('--init_from=')]
         train_cmd = command('train.py', flags, run_dir)
     eval_cmd = command('generate.py', run['eval'], run_dir)
-    row = dict(run, commands=[shlex.join(cmd) for cmd in (train_cmd, eval_cmd) if cmd], error=None)
+    row = dict(run, commands=[shlex.join(command(s, f, run_dir)) for s, f in (('train.py', run['train']),
+                                                                              ('generate.py', run['eval'])) if f],
+               error=None)
     if os.path.exists(results_path):
-        print(f"{run['name']}: finished before, skipped")
+        print(f"{run['name']}: finished before with these settings, reused")
     else:
         log = os.path.join(run_dir, 'log.txt')
         print(f"{run['name']}: running (output in {log})", flush=True)
@@ -140,9 +193,10 @@ def run_one(run, c):
     metrics = read_metrics(run_dir)
     if results and not c.keep_checkpoints and os.path.exists(ckpt):
         os.remove(ckpt)
-    row.update(accuracy=results.get('accuracy'), eval_s=results.get('seconds'),
-               unparseable=results.get('unparseable'), trainable=info.get('trainable_params', 0 if not run['train'] else None),
-               trainable_pct=info.get('trainable_pct', 0.0 if not run['train'] else None),
+    trains = run['train'] is not None
+    row.update(accuracy=results.get('accuracy'), eval_s=results.get('seconds'), n_test=results.get('n'),
+               unparseable=results.get('unparseable'), trainable=info.get('trainable_params', None if trains else 0),
+               trainable_pct=info.get('trainable_pct', None if trains else 0.0),
                best_val_loss=min((m['val_loss'] for m in metrics), default=None),
                train_s=metrics[-1]['elapsed_s'] if metrics else None, metrics=metrics)
     return row
@@ -152,20 +206,50 @@ def fmt(value, spec, missing='-'):
     return missing if value is None else format(value, spec)
 
 
+def spread(values, spec, scale=1.0):
+    """'mean ± sample standard deviation (min-max)' of values."""
+    v = [x * scale for x in values]
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{format(statistics.mean(v), spec)} ± {format(sd, spec)} ({format(min(v), spec)}-{format(max(v), spec)})"
+
+
+def summary_lines(rows):
+    """Mean and spread over seeds of every group of training runs that has more than one."""
+    groups = {}
+    for r in rows:
+        if r['train'] is not None and r['accuracy'] is not None:
+            groups.setdefault(r['group'], []).append(r)
+    if not any(len(g) > 1 for g in groups.values()):
+        return []
+    lines = ["", "## Mean over seeds", "",
+             "Mean ± sample standard deviation, and the range (min-max), over the seeds of each method.", "",
+             "| method | r | alpha | lr | seeds | test accuracy (%) | best val loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, g in groups.items():
+        r = g[0]
+        lines.append(f"| {name} | {fmt(r['rank'], 'd')} | {fmt(r['alpha'], 'g')} | {r['lr']:g} | "
+                     f"{', '.join(str(x['seed']) for x in g)} | {spread([x['accuracy'] for x in g], '.1f', 100)} | "
+                     f"{spread([x['best_val_loss'] for x in g if x['best_val_loss'] is not None], '.4f')} |")
+    return lines
+
+
 def write_table(rows, c, argv, path):
+    n = {r['n_test'] for r in rows if r['n_test']}
+    reviews = (f"{n.pop():,} test reviews" if len(n) == 1 else "the test reviews") + \
+        (f" (a random sample, each label in its share, the same for every run)" if c.num_samples else " (all of them)")
     lines = [f"# Sweep: {c.init_from} on {c.dataset}", "",
              f"Produced by `{shlex.join(['python', 'sweep.py', *argv])}`; every run's own commands are listed "
-             f"below the table. Accuracy is on {'all' if not c.num_samples else c.num_samples} test reviews "
-             f"({c.mode} mode); train seconds include the periodic validation.", "",
-             "| run | method | r | alpha | trainable params | trainable % | best val loss | test accuracy | "
+             f"below the tables. Training: {c.max_iters} iterations of {c.batch_size} reviews. Accuracy is on "
+             f"{reviews}, {c.mode} mode. Train seconds include the periodic validation.", "",
+             "| run | method | r | alpha | lr | trainable params | trainable % | best val loss | test accuracy | "
              "unparseable | train s | eval s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         accuracy = f"failed: {r['error']}" if r['error'] else fmt(r['accuracy'], '.4f')
         lines.append(f"| {r['name']} | {r['method']} | {fmt(r['rank'], 'd')} | {fmt(r['alpha'], 'g')} | "
-                     f"{fmt(r['trainable'], ',')} | {fmt(r['trainable_pct'], '.2f')} | {fmt(r['best_val_loss'], '.4f')} | "
-                     f"{accuracy} | {fmt(r['unparseable'], 'd')} | {fmt(r['train_s'], '.0f')} | {fmt(r['eval_s'], '.0f')} |")
-    lines += ["", "## Commands", ""]
+                     f"{fmt(r['lr'], 'g')} | {fmt(r['trainable'], ',')} | {fmt(r['trainable_pct'], '.2f')} | "
+                     f"{fmt(r['best_val_loss'], '.4f')} | {accuracy} | {fmt(r['unparseable'], 'd')} | "
+                     f"{fmt(r['train_s'], '.0f')} | {fmt(r['eval_s'], '.0f')} |")
+    lines += summary_lines(rows) + ["", "## Commands", ""]
     for r in rows:
         lines += [f"- {r['name']}:"] + [f"  - `{cmd}`" for cmd in r['commands']]
     with open(path, 'w') as f:
@@ -173,32 +257,52 @@ def write_table(rows, c, argv, path):
 
 
 def plot_val_loss(rows, path):
+    """Validation loss of each method (mean over seeds, their range shaded): all of it, and after the first drop."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    groups = {}
     for r in rows:
         if r['metrics']:
-            ax.plot([m['iter'] for m in r['metrics']], [m['val_loss'] for m in r['metrics']], 'o-', ms=3,
-                    label=r['name'])
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('validation loss')
-    ax.set_yscale('log')
-    ax.set_title('validation loss')
-    ax.grid(alpha=0.3, which='both')
-    if ax.lines:
-        ax.legend()
+            groups.setdefault(r['group'], []).append(r['metrics'])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    styles = [('o', '-'), ('s', '--'), ('^', '-.'), ('D', ':'), ('v', '-'), ('P', '--'), ('X', '-.')]
+    for k, (name, runs) in enumerate(groups.items()):
+        its = [m['iter'] for m in runs[0]]
+        curves = [[m['val_loss'] for m in ms] for ms in runs if [m['iter'] for m in ms] == its]
+        mean = [statistics.mean(v) for v in zip(*curves)]
+        marker, line = styles[k % len(styles)]
+        label = name + (f" (mean of {len(curves)} seeds)" if len(curves) > 1 else "")
+        for ax, part in zip(axes, (slice(None), slice(1, None))):
+            x, y = its[part], mean[part]
+            ax.plot(x, y, linestyle=line, marker=marker, ms=5, mfc='none', lw=1.3, label=label, color=f"C{k}")
+            if len(curves) > 1:
+                ax.fill_between(x, [min(v) for v in zip(*curves)][part], [max(v) for v in zip(*curves)][part],
+                                color=f"C{k}", alpha=0.15)
+    axes[0].set_yscale('log')
+    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes[0].yaxis.set_minor_formatter(NullFormatter())
+    axes[0].set_title('validation loss, every evaluation (log scale)')
+    axes[1].set_title('after the first evaluation (linear scale)')
+    for ax in axes:
+        ax.set_xlabel('iteration')
+        ax.set_ylabel('validation loss per target token')
+        ax.grid(alpha=0.3, which='both')
+        ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+    if groups:
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv):
-    from types import SimpleNamespace
-    c = SimpleNamespace(**configure(DEFAULTS, argv))
-    if c.mode not in ('generate', 'score'):
-        raise ConfigError(f"mode must be 'generate' or 'score', not {c.mode!r}")
+    c = configure(DEFAULTS, argv)
+    check([(c.mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {c.mode!r}"),
+           (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'")])
     runs = plan(c)
+    clear_stale_runs(runs, c)
     os.makedirs(c.out_dir, exist_ok=True)
     rows = [run_one(run, c) for run in runs]
     write_table(rows, c, argv, os.path.join(c.out_dir, 'results.md'))
@@ -208,4 +312,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

@@ -2,14 +2,15 @@
 Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or in full.
 
     python train.py configs/finetune_params_config.py --init_from=gpt2-medium --out_dir=gpt-lora-default
-    python train.py configs/finetune_params_config.py --rank=0 --lr=5e-5     # full fine-tuning
-    python train.py --init_from=resume --out_dir=gpt-lora-default            # continue a run
-    torchrun --standalone --nproc_per_node=2 train.py ...                    # data parallel (DDP)
+    python train.py configs/finetune_params_config.py --rank=0 --lr=1e-4 --out_dir=full   # full fine-tuning
+    python train.py --init_from=resume --out_dir=gpt-lora-default            # continue a run as it was set up
+    torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py   # data parallel
 
-With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does.
-Writes out_dir/ckpt.pt (atomically), out_dir/metrics.jsonl, out_dir/loss_curve.png and out_dir/run.json
-(what was trained: base model, parameter counts, settings).
-The settings below are the defaults; a config file and --key=value flags override them.
+With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does. Writes to
+out_dir: ckpt.pt (atomically; LoRA runs keep only the adapter by default), metrics.jsonl (one line
+per evaluation), steps.jsonl (one line per log step), loss_curve.png and run.json (base model,
+parameter counts, settings). The settings below are the defaults; a config file and --key=value
+flags override them; with init_from=resume the run's own settings are the defaults.
 """
 
 import json
@@ -19,11 +20,18 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
+import tiktoken
 import torch
+
+from checkpoint import base_fingerprint, load_checkpoint, read_checkpoint
+from common import as_config_error, autocast, get_lr, pick_device, pick_dtype, save_atomic
+from configurator import ConfigError, Settings, check, configure, run_cli, settings_of
+from dataloader import CustomDataLoader, load_splits
+from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
+from model import GPT, GPTConfig, target_positions
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -32,12 +40,12 @@ init_from = 'gpt2-medium'  # gpt2 .. gpt2-xl, a hub id, a local checkpoint direc
 overwrite = False  # replace another run's checkpoint in out_dir instead of refusing to
 eval_interval = 100  # iterations between evaluations (and checkpoints)
 eval_iters = 20  # batches per loss estimate
-log_interval = 10
+log_interval = 10  # iterations between printed (and steps.jsonl) training losses
 eval_only = False  # evaluate once and stop
 always_save_checkpoint = True  # save at every evaluation, not only when validation loss improves
-checkpoint = 'full'  # 'full': the whole model; 'adapter': LoRA tensors only (MBs), the base model is reloaded from init_from
+checkpoint = 'auto'  # 'adapter': LoRA tensors only (MBs; the base is reloaded from init_from); 'full'; 'auto': adapter for LoRA on a pretrained model
 # Weights & Biases
-wandb_log = False
+wandb_log = False  # log to W&B (wandb_project, wandb_run_name only take effect with it)
 wandb_project = 'gpt2-lora'
 wandb_run_name = ''  # '' names the run after rank, alpha and learning rate
 # data
@@ -46,6 +54,7 @@ loss_on = 'label'  # 'label': learn the answer only; 'all': the whole text, as t
 batch_size = 16
 gradient_accumulation_steps = 1
 bucket = 32  # batch reviews of similar length, drawn from windows of this many batches (little padding); 0: random batches
+pad_multiple = 0  # pad batch lengths to a multiple of this, so torch.compile sees few shapes; 0: 32 with compile, else none
 block_size = 0  # longest text in tokens (reviews beyond it are shortened); 0: the model's context
 # model
 lora_rank = 128  # 0: full fine-tuning
@@ -72,9 +81,13 @@ dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 (+ 
 compile = False  # torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-
-from configurator import ConfigError, configure, run_cli  # noqa: E402
+DEFAULTS = settings_of(globals())
+# what a resumed run may change freely; everything else makes it differ from an uninterrupted run
+HARMLESS = {'out_dir', 'init_from', 'overwrite', 'max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only',
+            'always_save_checkpoint', 'checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
+            'compile', 'pad_multiple'}
+MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'dropout', 'n_layer', 'n_head', 'n_embd', 'block_size')
+MACHINE_SETTINGS = ('device', 'dtype', 'compile')  # a resumed run takes these from its new command line
 
 # Ctrl-C (or Colab's stop button) ends a run at the next step boundary, with a checkpoint
 INTERRUPTED = threading.Event()
@@ -87,174 +100,111 @@ def on_sigint(signum, frame):
 
 def check_settings(c):
     """One clear error for a setting no run can use."""
-    rules = [
+    check([
         (c.lora_rank < 0, f"lora_rank must be >= 0 (0 means full fine-tuning), not {c.lora_rank}"),
         (c.lora_rank > 0 and c.lora_alpha <= 0, f"lora_alpha must be > 0 when lora_rank > 0, not {c.lora_alpha}"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), not {c.lora_dropout}"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.bucket < 0, f"bucket must be >= 0 (0 turns length bucketing off), not {c.bucket}"),
+        (c.pad_multiple < 0, f"pad_multiple must be >= 0 (0: 32 with compile, else none), not {c.pad_multiple}"),
         (c.gradient_accumulation_steps < 1, f"gradient_accumulation_steps must be >= 1, not {c.gradient_accumulation_steps}"),
         (c.max_iters < 1 and not c.eval_only, f"max_iters must be >= 1, not {c.max_iters}"),
         (min(c.eval_interval, c.eval_iters, c.log_interval) < 1, "eval_interval, eval_iters and log_interval must be >= 1"),
         (c.learning_rate <= 0, f"learning_rate must be > 0, not {c.learning_rate}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
-        (c.checkpoint not in ("full", "adapter"), f"checkpoint must be 'full' or 'adapter', not {c.checkpoint!r}"),
+        (c.checkpoint not in ("auto", "full", "adapter"), f"checkpoint must be 'auto', 'full' or 'adapter', not {c.checkpoint!r}"),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
         (c.dtype not in ("auto", "float32", "bfloat16", "float16"),
          f"dtype must be auto, float32, bfloat16 or float16, not {c.dtype!r}"),
-    ]
-    for bad, message in rules:
-        if bad:
-            raise ConfigError(message)
+    ])
 
 
-def get_lr(c, it):
-    """Learning rate at iteration it: linear warmup, then cosine decay to min_lr (if decay_lr)."""
-    if it < c.warmup_iters:
-        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-    if not c.decay_lr:
-        return c.learning_rate
-    decay_iters = max(1, (c.lr_decay_iters or c.max_iters) - c.warmup_iters)
-    ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
-    min_lr = c.min_lr or c.learning_rate / 10
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - min_lr)
-
-
-def as_config_error(load, *args, **kwargs):
-    """load(...), its ValueError (a missing or malformed model, checkpoint or data set) as a ConfigError."""
-    try:
-        return load(*args, **kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def pick_device(name):
-    """'auto' -> cuda, else mps, else cpu; a named device that is not there is a ConfigError."""
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        return 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA GPU is available here; use --device=cpu (or auto)")
-    if name == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps but MPS is not available here; use --device=cpu (or auto)")
-    return name
-
-
-def pick_dtype(name, device):
-    if name != 'auto':
-        return name
-    if device.startswith('cuda'):
-        # a T4 (7.5) answers is_bf16_supported() with True but only emulates bfloat16, slowly
-        return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
-    return 'float32'
-
-
-def autocast(device, dtype):
-    device_type = device.split(':')[0]
-    if dtype == 'float32':
-        return nullcontext()
-    return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-def save_atomic(obj, path, write=torch.save):
-    """Write to path.tmp, flush to disk, then rename: a crash leaves the old file or the new one.
-    obj is bytes, or what write(obj, file) writes (torch.save by default)."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(obj) if isinstance(obj, bytes) else write(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def plot_losses(records, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    its = [r['iter'] for r in records]
-    ax.plot(its, [r['train_loss'] for r in records], 'o-', label='train')
-    ax.plot(its, [r['val_loss'] for r in records], 's-', label='validation')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('loss (log scale)')
-    ax.set_yscale('log')
-    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(path))))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_atomic(fig, path, write=lambda f, fh: f.savefig(fh, format='png', dpi=100))
-    plt.close(fig)
-
-
-def main(argv):
-    c = SimpleNamespace(**configure(DEFAULTS, argv))
+def read_settings(argv):
+    """
+    (settings, checkpoint or None). For init_from=resume the run's saved settings are the defaults and
+    the command line overrides them: a change to the model is an error, and a change that makes the
+    run differ from an uninterrupted one is said in one line.
+    """
+    c = configure(DEFAULTS, argv)
     check_settings(c)
-    import tiktoken
-    from dataloader import CustomDataLoader, load_splits
-    from lora import LoRALinear, lora_state_dict, mark_only_lora_as_trainable
-    from model import GPT, GPTConfig, load_checkpoint, parameter_summary
+    if c.init_from != 'resume':
+        return c, None
+    ckpt = as_config_error(read_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
+    saved = {k: v for k, v in ckpt.get('config', {}).items() if k in DEFAULTS and k not in MACHINE_SETTINGS}
+    c = configure(Settings(DEFAULTS, **{**saved, 'init_from': 'resume', 'out_dir': c.out_dir}), argv)
+    check_settings(c)
+    changed = [k for k in saved if c[k] != saved[k] and k not in HARMLESS]
+    schedule_follows_max_iters = c.decay_lr and not c.lr_decay_iters and c.max_iters != saved.get('max_iters')
+    for k in changed:
+        if k in MODEL_SETTINGS:
+            raise ConfigError(f"{k}={c[k]} differs from the resumed run's {saved[k]}: a resumed run keeps its model; "
+                              f"drop --{k}, or start a new run in another --out_dir")
+    notes = [f"{k} {saved[k]} -> {c[k]}" for k in changed]
+    if schedule_follows_max_iters:
+        notes.append(f"max_iters {saved['max_iters']} -> {c.max_iters} moves the end of the learning-rate decay")
+    if notes and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: resuming with {'; '.join(notes)}: the run will differ from one that was never interrupted")
+    return c, ckpt
 
-    # distributed data parallel when launched by torchrun
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
+
+def setup_runtime(c):
+    """Device, precision and, under torchrun, the process group."""
+    rt = SimpleNamespace(ddp=int(os.environ.get('RANK', -1)) != -1, rank=0, world=1)
+    if rt.ddp:
         from torch.distributed import init_process_group
-        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        rt.rank, local_rank, rt.world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
         use_cuda = torch.cuda.is_available() and c.device != 'cpu'
         init_process_group(backend='nccl' if use_cuda else 'gloo')
-        device = f'cuda:{local_rank}' if use_cuda else 'cpu'
+        rt.device = f'cuda:{local_rank}' if use_cuda else 'cpu'
         if use_cuda:
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(rt.device)
     else:
-        rank, world = 0, 1
-        device = pick_device(c.device)
-    master = rank == 0
-    dtype = pick_dtype(c.dtype, device)
-    if dtype == 'bfloat16' and device.startswith('cuda') and not torch.cuda.is_bf16_supported():
-        raise ConfigError("dtype=bfloat16 but this GPU does not support it; use --dtype=float16")
-    ctx = autocast(device, dtype)
+        rt.device = pick_device(c.device)
+    rt.master = rt.rank == 0
+    rt.dtype = pick_dtype(c.dtype, rt.device)
+    rt.ctx = autocast(rt.device, rt.dtype)
+    return rt
 
+
+def prepare_out_dir(c, master):
+    """Refuse to replace another run's checkpoint; make sure out_dir can be written."""
     ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
-    resume = c.init_from == 'resume'
-    if master and not resume and os.path.exists(ckpt_path) and not c.overwrite:
+    if not master:
+        return
+    if c.init_from != 'resume' and os.path.exists(ckpt_path) and not c.overwrite:
         raise ConfigError(f"{ckpt_path} already holds a run's checkpoint: continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or pick another --out_dir")
-    if master:
-        try:
-            os.makedirs(c.out_dir, exist_ok=True)
-            with open(os.path.join(c.out_dir, '.write_test'), 'w'):
-                pass
-            os.remove(os.path.join(c.out_dir, '.write_test'))
-        except OSError as e:
-            raise ConfigError(f"cannot write to out_dir '{c.out_dir}': {e.strerror}; pick another --out_dir") from None
+    try:
+        os.makedirs(c.out_dir, exist_ok=True)
+        with open(os.path.join(c.out_dir, '.write_test'), 'w'):
+            pass
+        os.remove(os.path.join(c.out_dir, '.write_test'))
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir '{c.out_dir}': {e.strerror}; pick another --out_dir") from None
+    if c.wandb_run_name and not c.wandb_log:
+        print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
+              f"Weights & Biases; add --wandb_log=True")
 
-    data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
 
-    # model: pretrained, resumed or new; then which parameters train
+def build_model(c, ckpt):
+    """The model to train (pretrained, resumed or new), its base model's name, and which parameters train."""
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
-    iter_num, best_val_loss, elapsed0 = 0, float('inf'), 0.0
-    if resume:
-        model, ckpt = as_config_error(load_checkpoint, ckpt_path)
+    lora = dict(dropout=c.dropout, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout)
+    if ckpt is not None:
+        model, _ = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
         base_model = ckpt['base_model']
-        iter_num, best_val_loss, elapsed0 = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('elapsed_s', 0.0)
         for k in ('lora_rank', 'lora_alpha', 'lora_dropout', 'dropout'):
-            setattr(c, k, getattr(model.config, k))  # the run's model, not this command line's defaults
-        if ckpt.get('adapter_only'):
-            c.checkpoint = 'adapter'
-        if master:
-            print(f"resuming {ckpt_path} at iteration {iter_num} (base model {base_model}, lora_rank={c.lora_rank})")
+            c[k] = getattr(model.config, k)  # an imported adapter's checkpoint has no settings of its own
     elif c.init_from == 'scratch':
-        model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024,
-                              dropout=c.dropout, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                              lora_dropout=c.lora_dropout))
+        model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024, **lora))
         base_model = 'scratch'
     else:
-        model = as_config_error(GPT.from_pretrained, c.init_from, dict(
-            dropout=c.dropout, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout))
-        base_model = c.init_from
+        model = as_config_error(GPT.from_pretrained, c.init_from, lora)
+        # a local base is reloaded from wherever the run is continued or evaluated
+        base_model = os.path.abspath(c.init_from) if os.path.isdir(c.init_from) else c.init_from
     if c.block_size > model.config.block_size:
         raise ConfigError(f"block_size={c.block_size} is larger than the model's context of "
                           f"{model.config.block_size} tokens; use --block_size={model.config.block_size} or less")
@@ -263,181 +213,323 @@ def main(argv):
     if c.lora_rank > 0:
         mark_only_lora_as_trainable(model)
     else:
-        for p in model.parameters():
-            p.requires_grad = True
-    trainable, total, pct = parameter_summary(model)
-    if master:
+        model.requires_grad_(True)
+    return model, base_model
+
+
+def store_frozen_weights_in(model, dtype):
+    """
+    Keep the frozen weights of the linear layers in dtype (the autocast one): half the memory, and no
+    float32-to-half cast of them in every step. The LoRA matrices, their gradients and AdamW's state
+    stay float32; so do embeddings and LayerNorms, which feed the float32 residual stream.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and name != 'lm_head':
+            module.weight.data = module.weight.data.to(getattr(torch, dtype))
+
+
+@torch.no_grad()
+def estimate_loss(model, loaders, c, rt):
+    """Mean loss per target token over eval_iters batches of each split, dropout off, LoRA un-merged."""
+    out = {}
+    with evaluating(model):
+        for split, loader in loaders.items():
+            total, count = torch.zeros((), device=rt.device), 0
+            for _, (x, y) in zip(range(c.eval_iters), loader):
+                first, index = target_positions(y)
+                with rt.ctx:
+                    _, loss = model(x.to(rt.device), y.to(rt.device), positions=(first, index.to(rt.device)))
+                total += loss.float() * len(index)
+                count += len(index)
+            out[split] = total.item() / count
+    return out
+
+
+def train_step(model, optimizer, scaler, batches, n_step, c, rt, stats):
+    """
+    One optimizer step over the micro-batches, without a host-device sync: where the targets are is
+    found on the host before a batch moves; the summed loss and target count go to stats on the device.
+    The loss is normalised by the target tokens of the whole step (n_step, every rank's), so the
+    gradient is the same for any split of the same examples over micro-batches and processes.
+    """
+    for m, (x, y) in enumerate(batches):
+        n = int((y != -1).sum())
+        positions = None  # compiled, with a loss on every token: the whole LM head, one shape per length
+        if not (c.compile and c.loss_on == 'all'):
+            first, index = target_positions(y, trim=not c.compile)  # compiled: no shape per first column
+            positions = (first, index.to(rt.device, non_blocking=True))
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        if rt.ddp:
+            model.require_backward_grad_sync = m == len(batches) - 1
+        with rt.ctx:
+            loss = model(x, y, positions=positions)[1]  # logits not kept alive through backward
+        scaler.scale(loss * (n * rt.world / n_step)).backward()
+        stats[0] += loss.detach().float() * n
+        stats[1] += n
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
+    scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped, by design
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def save_checkpoint(path, raw_model, optimizer, scaler, c, run):
+    """ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone."""
+    adapter = c.checkpoint == 'adapter'
+    save_atomic({
+        'model': lora_state_dict(raw_model) if adapter else raw_model.state_dict(),
+        'adapter_only': adapter,
+        'model_args': asdict(raw_model.config),
+        'optimizer': optimizer.state_dict(),
+        **({'scaler': scaler.state_dict()} if scaler.is_enabled() else {}),
+        'iter_num': run.iter_num,
+        'best_val_loss': run.best_val_loss,
+        'elapsed_s': run.elapsed(),
+        'base_model': run.base_model,
+        **({'base_fingerprint': run.base_fingerprint} if adapter else {}),
+        'config': dict(c),
+    }, path)
+
+
+class Progress:
+    """Where the run stands: iteration, best validation loss, seconds trained (over resumes), its base model."""
+
+    def __init__(self, base_model, fingerprint, ckpt=None):
+        self.iter_num, self.best_val_loss, self.elapsed0 = 0, float('inf'), 0.0
+        self.base_model, self.base_fingerprint = base_model, fingerprint
+        if ckpt is not None:
+            self.iter_num, self.best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+            self.elapsed0 = ckpt.get('elapsed_s', 0.0)
+            self.base_fingerprint = ckpt.get('base_fingerprint', fingerprint)
+        self.t_start = time.time()
+
+    def elapsed(self):
+        return self.elapsed0 + time.time() - self.t_start
+
+
+class RunLog:
+    """metrics.jsonl (evaluations), steps.jsonl (log steps), run.json, loss_curve.png and W&B, on rank 0."""
+
+    def __init__(self, c, run, info):
+        self.c, self.run = c, run
+        self.metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
+        self.steps_path = os.path.join(c.out_dir, 'steps.jsonl')
+        save_atomic(json.dumps(info, indent=2).encode(), os.path.join(c.out_dir, 'run.json'))
+        # a new run starts new files; a resumed one keeps its past up to its checkpoint
+        self.evals = self._restart(self.metrics_path, c.init_from == 'resume')
+        self.steps = self._restart(self.steps_path, c.init_from == 'resume')
+        self.wandb = None
+        if c.wandb_log:
+            import wandb
+            name = c.wandb_run_name or (f"lora-r{c.lora_rank}-a{c.lora_alpha:g}-lr{c.learning_rate:g}" if c.lora_rank
+                                        else f"full-lr{c.learning_rate:g}")
+            self.wandb = wandb
+            wandb.init(project=c.wandb_project, name=name, config=dict(c))
+
+    def _restart(self, path, resumed):
+        records = []
+        if resumed and os.path.exists(path):
+            with open(path) as f:
+                records = [r for r in map(json.loads, f) if r['iter'] <= self.run.iter_num]
+        with open(path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+        return records
+
+    def _append(self, records, path, rec):
+        records.append(rec)
+        with open(path, 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+
+    def evaluation(self, it, losses, lr):
+        print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self._append(self.evals, self.metrics_path, dict(iter=it, train_loss=losses['train'], val_loss=losses['val'],
+                                                         lr=lr, elapsed_s=round(self.run.elapsed(), 3)))
+        plot_losses(self.steps, self.evals, os.path.join(self.c.out_dir, 'loss_curve.png'), run_title(self.c))
+        if self.wandb:
+            self.wandb.log({'iter': it, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
+
+    def step(self, it, loss, grad_norm, lr, ms, tokens_per_s):
+        print(f"iter {it}: loss {loss:.4f}, grad norm {grad_norm:.6f}, lr {lr:.2e}, time {ms:.0f}ms, "
+              f"{tokens_per_s:,.0f} tokens/s")
+        self._append(self.steps, self.steps_path, dict(iter=it, loss=loss, grad_norm=grad_norm, lr=lr,
+                                                       tokens_per_s=round(tokens_per_s)))
+        if self.wandb:
+            self.wandb.log({'iter': it, 'train/step_loss': loss, 'lr': lr})
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
+
+
+def run_title(c):
+    what = f"LoRA r={c.lora_rank}, alpha={c.lora_alpha:g}" if c.lora_rank else "full fine-tuning"
+    return f"{what}, lr {c.learning_rate:g}"
+
+
+def plot_losses(steps, evals, path, title):
+    """Training loss at every log step as a line, validation loss as markers, on a log scale with plain labels."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if steps:
+        ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], '-', lw=1.2, color='tab:blue',
+                label='training (mean since the previous log step)')
+    ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o', ms=6, color='tab:orange',
+            mec='black', mew=0.6, label='validation', zorder=3)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss per target token (log scale)')
+    ax.set_yscale('log')
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which='both')
+    fig.tight_layout()
+    save_atomic(fig, path, write=lambda f, fh: f.savefig(fh, format='png', dpi=100))
+    plt.close(fig)
+
+
+def main(argv):
+    c, ckpt = read_settings(argv)
+    rt = setup_runtime(c)
+    prepare_out_dir(c, rt.master)
+    data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
+    raw_model, base_model = build_model(c, ckpt)
+    trainable, total, pct = parameter_summary(raw_model)
+    if rt.master:
         what = f"LoRA r={c.lora_rank}, alpha={c.lora_alpha:g}" if c.lora_rank > 0 else "full fine-tuning"
         print(f"{what}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
-    model.to(device)
-
-    optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device.split(':')[0])
-    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
-    if resume:
+    if c.checkpoint == 'auto':
+        c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
+    run = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
+    if ckpt is not None:
+        if rt.master:
+            print(f"resuming {os.path.join(c.out_dir, 'ckpt.pt')} at iteration {run.iter_num} "
+                  f"(base model {base_model}, lora_rank={c.lora_rank})")
+    raw_model.to(rt.device)
+    if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
+        store_frozen_weights_in(raw_model, rt.dtype)
+    optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), rt.device.split(':')[0])
+    scaler = torch.amp.GradScaler(rt.device.split(':')[0], enabled=rt.dtype == 'float16')
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
-        if 'scaler' in ckpt and dtype == 'float16':
+        if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
         del ckpt
-    raw_model = model
-    if c.compile:
-        model = torch.compile(model)
-    if ddp:
+    model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
+    if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device] if device.startswith('cuda') else None)
+        model = DDP(model, device_ids=[rt.device] if rt.device.startswith('cuda') else None)
 
     enc = tiktoken.get_encoding('gpt2')
-    train_loader = as_config_error(CustomDataLoader, data['train'], enc, c.batch_size, raw_model.config.block_size,
-                                   c.loss_on, seed=c.seed, rank=rank, world_size=world, bucket=c.bucket)
-    val_loader = as_config_error(CustomDataLoader, data['validation'], enc, c.batch_size, raw_model.config.block_size,
-                                 c.loss_on, seed=c.seed, bucket=c.bucket)
-
-    def set_dropout(on):
-        # not model.eval(): merging LoRA into W and taking it out again rounds W a little every time
-        for m in model.modules():
-            if not isinstance(m, LoRALinear):
-                m.training = on
-
-    @torch.no_grad()
-    def estimate_loss():
-        out = {}
-        set_dropout(False)
-        for split, loader in (('train', train_loader), ('val', val_loader)):
-            total, count = 0.0, 0
-            for _, (x, y) in zip(range(c.eval_iters), loader):
-                n = int((y != -1).sum())
-                with ctx:
-                    _, loss = raw_model(x.to(device), y.to(device), targets_only=True)
-                total, count = total + loss.item() * n, count + n
-            out[split] = total / count
-        set_dropout(True)
-        return out
-
-    config = {k: getattr(c, k) for k in DEFAULTS}
-    metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
-    records = []
-    if master:
-        run_info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
-                        device=device, dtype=dtype, world_size=world, config=config)
-        save_atomic(json.dumps(run_info, indent=2).encode(), os.path.join(c.out_dir, 'run.json'))
-        if resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                records = [r for r in map(json.loads, f) if r['iter'] <= iter_num]
-        with open(metrics_path, 'w') as f:  # a new run starts a new file; a resumed one keeps its past
-            f.writelines(json.dumps(r) + '\n' for r in records)
-    if c.wandb_log and master:
-        import wandb
-        name = c.wandb_run_name or (f"lora-r{c.lora_rank}-a{c.lora_alpha:g}-lr{c.learning_rate:g}" if c.lora_rank
-                                    else f"full-lr{c.learning_rate:g}")
-        wandb.init(project=c.wandb_project, name=name, config=config)
-
-    def save_checkpoint(it):
-        save_atomic({
-            # un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone
-            'model': lora_state_dict(raw_model) if c.checkpoint == 'adapter' else raw_model.state_dict(),
-            'adapter_only': c.checkpoint == 'adapter',
-            'model_args': asdict(raw_model.config),
-            'optimizer': optimizer.state_dict(),
-            **({'scaler': scaler.state_dict()} if scaler.is_enabled() else {}),
-            'iter_num': it,
-            'best_val_loss': best_val_loss,
-            'elapsed_s': elapsed0 + time.time() - t_start,
-            'base_model': base_model,
-            'config': config,
-        }, ckpt_path)
-
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    interrupted = False
-    t_start = time.time()
-    start_iter = iter_num
-    saved = False
-    for iter_num in range(start_iter, c.max_iters + 1):
-        lr = get_lr(c, iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        last = iter_num == c.max_iters or c.eval_only
-        if master and (last or iter_num % c.eval_interval == 0) and (iter_num > start_iter or not resume or c.eval_only):
-            losses = estimate_loss()
-            if not all(map(math.isfinite, losses.values())):
-                raise FloatingPointError(f"the loss became non-finite before iteration {iter_num}; the last good "
-                                         f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
-            rec = dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
-                       elapsed_s=round(elapsed0 + time.time() - t_start, 3))
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            records.append(rec)
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps(rec) + '\n')
-            plot_losses(records, os.path.join(c.out_dir, 'loss_curve.png'))
-            if c.wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > start_iter and not c.eval_only and (c.always_save_checkpoint or improved or (last and not saved)):
-                save_checkpoint(iter_num)
-                saved = True
-                print(f"saved checkpoint to {ckpt_path}")
-        if last:
-            break
-
-        t0 = time.time()
-        # one optimizer step over gradient_accumulation_steps micro-batches on every rank; the loss
-        # is normalised by the target tokens of the whole step, so the gradient is the same for any
-        # split of the same examples over micro-batches and processes
-        batches = [train_loader.get_batch(iter_num * c.gradient_accumulation_steps + m)
-                   for m in range(c.gradient_accumulation_steps)]
-        counts = [int((y != -1).sum()) for _, y in batches]
-        # one all-reduce carries the step's target tokens and whether any rank was interrupted
-        step_info = torch.tensor([float(sum(counts)), float(INTERRUPTED.is_set())])
-        if ddp:
-            torch.distributed.all_reduce(step_info)
-        if step_info[1] > 0:
-            interrupted = True
-            break
-        n_step = step_info[0].item()
-        torch.manual_seed(c.seed + 1000 * rank + iter_num)  # dropout masks depend on the iteration alone
-        loss_sum, n_tokens = 0.0, 0
-        try:
-            for m, ((x, y), n) in enumerate(zip(batches, counts)):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if ddp:
-                    model.require_backward_grad_sync = m == len(batches) - 1
-                with ctx:
-                    loss = model(x, y, targets_only=True)[1]  # logits not kept alive through backward
-                scaler.scale(loss * (n * world / n_step)).backward()
-                loss_sum += loss.item() * n
-                n_tokens += int((x != enc.eot_token).sum())
-        except torch.cuda.OutOfMemoryError:
-            raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size="
-                              f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
-                              f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
-        lossf = loss_sum / max(1, sum(counts))
-        # float16's scaler skips steps with inf/NaN gradients by design; anything else non-finite is divergence
-        if not math.isfinite(lossf) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
-            raise FloatingPointError(f"{'loss' if not math.isfinite(lossf) else 'gradient norm'} became non-finite "
-                                     f"at iteration {iter_num}; the last good checkpoint in {c.out_dir} is kept; "
-                                     f"lower --learning_rate, or use --dtype=float32")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        dt = time.time() - t0
-        if master and iter_num % c.log_interval == 0:
-            print(f"iter {iter_num}: loss {lossf:.4f}, grad norm {grad_norm.item():.6f}, lr {lr:.2e}, "
-                  f"time {dt * 1000:.0f}ms, {n_tokens * world / dt:,.0f} tokens/s")
-
-    if interrupted and master:
-        save_checkpoint(iter_num)
-        print(f"interrupted: saved checkpoint at iteration {iter_num} to {ckpt_path}; "
-              f"continue with --init_from=resume --out_dir={c.out_dir}")
-    if c.wandb_log and master:
-        wandb.finish()
-        wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
-    if ddp:
+    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=raw_model.config.block_size, loss_on=c.loss_on,
+                  seed=c.seed, bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1))
+    train_loader = as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader)
+    val_loader = as_config_error(CustomDataLoader, data['validation'], **loader)
+    info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
+                device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
+    log = RunLog(c, run, info) if rt.master else None
+    interrupted = train_loop(c, rt, model, raw_model, optimizer, scaler, (train_loader, val_loader), log, run)
+    if rt.master:
+        log.close()
+    if rt.ddp:
         torch.distributed.destroy_process_group()
     return 130 if interrupted else 0
 
 
+def train_loop(c, rt, model, raw_model, optimizer, scaler, loaders, log, run):
+    """The iterations, nanoGPT's way; True if Ctrl-C stopped them."""
+    train_loader, val_loader = loaders
+    ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
+    stats = torch.zeros(2, device=rt.device)  # summed loss and target tokens since the last log step
+    start, saved, tokens, t_log = run.iter_num, False, 0, time.time()
+    for it in range(start, c.max_iters + 1):
+        run.iter_num = it
+        lr = get_lr(c, it)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        last = it == c.max_iters or c.eval_only
+
+        # --- evaluate, and save a checkpoint -----------------------------------------------
+        eval_due = it % c.eval_interval == 0 or last
+        logged_before_stopping = c.init_from == 'resume' and it == start and not c.eval_only
+        if rt.master and eval_due and not logged_before_stopping:
+            t_eval = time.time()
+            losses = estimate_loss(raw_model, {'train': train_loader, 'val': val_loader}, c, rt)
+            if not all(map(math.isfinite, losses.values())):
+                raise FloatingPointError(f"the loss became non-finite before iteration {it}; the last good "
+                                         f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
+            log.evaluation(it, losses, lr)
+            improved = losses['val'] < run.best_val_loss
+            run.best_val_loss = min(run.best_val_loss, losses['val'])
+            trained = it > start and not c.eval_only
+            if trained and (c.always_save_checkpoint or improved or (last and not saved)):
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, c, run)
+                saved = True
+                print(f"saved checkpoint to {ckpt_path}")
+            t_log += time.time() - t_eval  # tokens/s counts training time only
+        if last:
+            return False
+
+        # --- forward, backward, update -----------------------------------------------------
+        if stop_requested(rt, it, c.log_interval):
+            check_finite(stats, it, c)
+            if rt.master:
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, c, run)
+                print(f"interrupted: saved checkpoint at iteration {it} to {ckpt_path}; "
+                      f"continue with --init_from=resume --out_dir={c.out_dir}")
+            return True
+        steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
+        batches = [train_loader.get_batch(i) for i in steps]
+        tokens += sum(int((x != train_loader.tokenizer.eot_token).sum()) for x, _ in batches)
+        torch.manual_seed(c.seed + 1000 * rt.rank + it)  # dropout masks depend on the iteration alone
+        try:
+            grad_norm = train_step(model, optimizer, scaler, batches, sum(map(train_loader.global_targets, steps)),
+                                   c, rt, stats)
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size="
+                              f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
+                              f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
+
+        # --- log: the only place the host waits for the device between evaluations -------------
+        if it % c.log_interval == 0:
+            loss = check_finite(stats, it, c, None if scaler.is_enabled() else grad_norm)
+            dt, n_steps = time.time() - t_log, min(c.log_interval, it - start + 1)
+            if rt.master:
+                log.step(it, loss, grad_norm.item(), lr, 1000 * dt / n_steps, tokens * rt.world / dt)
+            stats.zero_()
+            tokens, t_log = 0, time.time()
+
+
+def stop_requested(rt, it, log_interval):
+    """Ctrl-C was pressed; under torchrun every rank learns it at the same log step."""
+    if not rt.ddp:
+        return INTERRUPTED.is_set()
+    if it % log_interval:
+        return False
+    flag = torch.tensor([float(INTERRUPTED.is_set())], device=rt.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+def check_finite(stats, it, c, grad_norm=None):
+    """The mean training loss since the last log step; a FloatingPointError if it (or grad_norm) is not finite."""
+    loss_sum, count = stats.tolist()
+    loss = loss_sum / max(1, count)
+    bad = 'loss' if not math.isfinite(loss) else 'gradient norm' if grad_norm is not None and \
+        not math.isfinite(grad_norm.item()) else None
+    if bad:
+        raise FloatingPointError(f"{bad} became non-finite by iteration {it}; the last good checkpoint in "
+                                 f"{c.out_dir} is kept; lower --learning_rate, or use --dtype=float32")
+    return loss
+
+
 if __name__ == '__main__':
     signal.signal(signal.SIGINT, on_sigint)
-    sys.exit(run_cli(main, sys.argv[1:], errors=(FloatingPointError,)))
+    sys.exit(run_cli(main, sys.argv[1:], __file__, errors=(FloatingPointError,)))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import DATA, STANDIN, needs_data, needs_standin
-from generate import ModelSampler, few_shot_demonstrations, main, parse_label
+from dataloader import few_shot_demonstrations, parse_label
+from generate import ModelSampler, main
 from lora import mark_only_lora_as_trainable
 from model import GPT
 

@@ -8,7 +8,8 @@ import export
 from conftest import SHARED
 import generate
 import train
-from model import GPT, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT
 
 
 def tiny_run(tiny_ckpt, reviews, out_dir, *flags):
@@ -20,7 +21,7 @@ def tiny_run(tiny_ckpt, reviews, out_dir, *flags):
 @pytest.fixture(scope="module")
 def lora_run(tiny_ckpt, reviews, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
-    tiny_run(tiny_ckpt, reviews, out)
+    tiny_run(tiny_ckpt, reviews, out, "--checkpoint=full")
     return out
 
 

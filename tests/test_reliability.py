@@ -11,7 +11,7 @@ import generate
 import train
 from conftest import ROOT
 from configurator import ConfigError
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def cli(script, *flags, timeout=300):

@@ -1,8 +1,12 @@
-"""sweep.py: one command gives results.md and val_loss.png; failures are reported; finished runs are skipped."""
+"""sweep.py: one command gives results.md and val_loss.png; failures are reported; finished runs are
+reused only when their settings are the current ones; several seeds give a mean and a spread."""
 import json
 import os
 
+import pytest
+
 import sweep
+from configurator import ConfigError
 
 
 def smoke(tiny_ckpt, reviews, out_dir, *extra):
@@ -26,12 +30,12 @@ def test_smoke_grid(tiny_ckpt, reviews, tmp_path, capsys):
     assert not (tmp_path / "lora-r4" / "ckpt.pt").exists()  # keep_checkpoints=False
     assert [m["iter"] for m in lora_r4["metrics"]] == [0, 1, 2]
 
-    # a second run skips what finished
+    # a second run reuses what finished with the same settings
     stamp = os.path.getmtime(tmp_path / "full" / "results.json")
     capsys.readouterr()
     smoke(tiny_ckpt, reviews, tmp_path)
     assert os.path.getmtime(tmp_path / "full" / "results.json") == stamp
-    assert capsys.readouterr().out.count("finished before, skipped") == 4
+    assert capsys.readouterr().out.count("finished before with these settings, reused") == 4
 
 
 def test_failed_runs_are_reported_and_the_rest_go_on(tiny_ckpt, reviews, tmp_path):
@@ -44,3 +48,35 @@ def test_failed_runs_are_reported_and_the_rest_go_on(tiny_ckpt, reviews, tmp_pat
     assert "failed: error: lora_dropout must be in [0, 1), not 1.5" in table
     assert not (tmp_path / "lora-r4" / "results.json").exists()
     json.loads((tmp_path / "zero-shot" / "results.json").read_text())
+
+
+def test_runs_made_with_other_settings_are_never_reused(tiny_ckpt, reviews, tmp_path):
+    few = ["--zero_shot=False", "--few_shot=False", "--full_finetune=False"]
+    smoke(tiny_ckpt, reviews, tmp_path, *few)
+    before = (tmp_path / "lora-r4" / "results.json").read_text()
+    with pytest.raises(ConfigError) as e:
+        smoke(tiny_ckpt, reviews, tmp_path, *few, "--num_samples=2", "--max_iters=3")
+    message = str(e.value)
+    assert "lora-r4 holds a run made with other settings" in message and "\n" not in message
+    assert "max_iters: 2 -> 3" in message and "num_samples: 4 -> 2" in message and "--overwrite=True" in message
+    assert (tmp_path / "lora-r4" / "results.json").read_text() == before  # nothing was touched
+
+    rows = smoke(tiny_ckpt, reviews, tmp_path, *few, "--num_samples=2", "--max_iters=3", "--overwrite=True")
+    assert [r["n_test"] for r in rows] == [2]
+    assert [m["iter"] for m in rows[0]["metrics"]] == [0, 1, 2, 3]
+    table = (tmp_path / "results.md").read_text()
+    assert "Accuracy is on 2 test reviews (a random sample" in table and "--num_samples=2" in table
+    commands = table.split("## Commands")[1]
+    assert "--num_samples=2" in commands and "--num_samples=4" not in commands and "| full |" not in table
+
+
+def test_several_seeds_give_a_mean_and_a_spread(tiny_ckpt, reviews, tmp_path):
+    rows = smoke(tiny_ckpt, reviews, tmp_path, "--zero_shot=False", "--few_shot=False", "--full_finetune=False",
+                 "--seeds=1337,7")
+    assert [r["name"] for r in rows] == ["lora-r4", "lora-r4-seed7"]
+    assert "--seed=7" in rows[1]["commands"][0] and "--seed" not in rows[0]["commands"][0]
+    table = (tmp_path / "results.md").read_text()
+    line = next(line for line in table.splitlines() if line.startswith("| lora-r4 | 4 |"))
+    accuracies = [100 * r["accuracy"] for r in rows]
+    mean = sum(accuracies) / 2
+    assert f"| 1337, 7 | {mean:.1f} ± " in line and f"({min(accuracies):.1f}-{max(accuracies):.1f})" in line

@@ -10,7 +10,7 @@ import torch
 import train
 from conftest import ROOT
 from configurator import ConfigError
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def run(tiny_ckpt, reviews, out_dir, *flags):
