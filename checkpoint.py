@@ -40,11 +40,11 @@ def _file_getter(model_type, fail):
     def fetch(name):
         try:
             return hf_hub_download(model_type, name, local_files_only=offline)
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError:
-            if offline and name == "config.json":
+        except LocalEntryNotFoundError:  # (a kind of EntryNotFoundError) not in the cache, offline
+            if name == "config.json":
                 raise fail(hub_unreachable_hint(f"'{model_type}'")) from None
+            return None
+        except EntryNotFoundError:
             return None
         except Exception as e:  # no such repository, a network error, ...
             raise fail(error_summary(e)) from None

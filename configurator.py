@@ -41,9 +41,26 @@ class Settings(dict):
 
 
 def settings_of(namespace):
-    """The settings defined at the top of a script: its public int, float, bool and str globals."""
-    return Settings({k: v for k, v in namespace.items()
-                     if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
+    """A script's settings: the names assigned between its two `# ---` lines, with their values in namespace
+    (its globals())."""
+    return Settings({key: namespace[key] for key, _, _ in _settings_block(namespace["__file__"]) if key})
+
+
+def _settings_block(script):
+    """(name, value as written, comment) of each line between a script's two `# ---` lines; a comment
+    line on its own gives (None, None, comment)."""
+    with open(script) as f:
+        lines = f.read().splitlines()
+    bounds = [i for i, line in enumerate(lines) if line.startswith("# ---")][:2]
+    out = []
+    for line in lines[bounds[0] + 1:bounds[1]] if len(bounds) == 2 else []:
+        if line.startswith("#"):
+            out.append((None, None, line.lstrip("# ")))
+        elif line.strip():
+            node = ast.parse(line).body[0]
+            key, value = (part.strip() for part in line[:node.end_col_offset].split("=", 1))
+            out.append((key, value, line[node.end_col_offset:].strip().lstrip("#").strip()))
+    return out
 
 
 def check(rules):
@@ -137,27 +154,17 @@ def override(defaults, settings):
 def help_text(script):
     """The usage lines of a script's docstring, then each setting with its default and comment."""
     with open(script) as f:
-        source = f.read()
-    tree = ast.parse(source)
-    doc = (ast.get_docstring(tree) or "").strip().splitlines()
+        doc = (ast.get_docstring(ast.parse(f.read())) or "").strip().splitlines()
     name = os.path.basename(script)
     lines = [doc[0] if doc else name, "", "usage:"]
     lines += [f"  {line.strip()}" for line in doc if line.startswith(("    python", "    torchrun"))] or [f"  python {name}"]
-    source_lines = source.splitlines()
-    bounds = [i for i, line in enumerate(source_lines) if line.startswith("# ---")][:2]
-    if len(bounds) < 2:
+    block = _settings_block(script)
+    if not block:
         return "\n".join(lines + ["", "no settings"])
     lines += ["", "settings (--key=value; a config file's names override them too):"]
-    for line in source_lines[bounds[0] + 1:bounds[1]]:
-        if line.startswith("#"):
-            lines.append(f"  {line.lstrip('# ')}:")
-            continue
-        node = ast.parse(line).body[0]
-        code = line[:node.end_col_offset]
-        comment = line[node.end_col_offset:].strip().lstrip("#").strip()
-        key, value = (s.strip() for s in code.split("=", 1))
-        lines.append(f"    --{key}={value}" + (f"  ({comment})" if comment else ""))
-    aliases = ", ".join(f"{a}={k}" for a, k in ALIASES.items() if f"--{k}=" in "\n".join(lines))
+    for key, value, comment in block:
+        lines.append(f"  {comment}:" if key is None else f"    --{key}={value}" + (f"  ({comment})" if comment else ""))
+    aliases = ", ".join(f"{a}={k}" for a, k in ALIASES.items() if any(key == k for key, _, _ in block))
     if aliases:
         lines += ["", f"the handout's short names work too: {aliases}"]
     return "\n".join(lines)

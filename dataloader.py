@@ -102,6 +102,17 @@ def stratified_subset(labels, n, seed):
     return sorted(i for y, ix in by_label.items() for i in rng.sample(ix, quota[y]))
 
 
+def left_pad(prompts, pad_id):
+    """(B, T) token ids of prompts (lists of ids) padded on the left, and the (B, T) mask of real tokens."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return idx, mask
+
+
 def load_splits(dataset, splits=("train", "validation")):
     """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
     local = os.path.isdir(dataset)

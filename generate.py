@@ -27,7 +27,8 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint
 from common import as_config_error, autocast, pick_device, pick_dtype, save_atomic
 from configurator import check, configure, override, run_cli, settings_of
-from dataloader import LABEL_WORDS, encode_prompt, few_shot_demonstrations, load_splits, parse_label, stratified_subset
+from dataloader import (LABEL_WORDS, encode_prompt, few_shot_demonstrations, left_pad, load_splits, parse_label,
+                        stratified_subset)
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -103,12 +104,7 @@ class ModelSampler:
                              self.demonstrations)
 
     def _left_pad(self, prompts):
-        T = max(len(p) for p in prompts)
-        idx = torch.full((len(prompts), T), self.enc.eot_token, dtype=torch.long)
-        mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            idx[i, T - len(p):] = torch.tensor(p)
-            mask[i, T - len(p):] = 1
+        idx, mask = left_pad(prompts, self.enc.eot_token)
         return idx.to(self.device), mask.to(self.device)
 
     def _continuations(self, prompts, prefix=()):

@@ -256,7 +256,7 @@ def write_table(rows, c, argv, path):
         f.write('\n'.join(lines) + '\n')
 
 
-def plot_val_loss(rows, path):
+def val_loss_figure(rows):
     """Validation loss of each method (mean over seeds, their range shaded): all of it, and after the first drop."""
     import matplotlib
     matplotlib.use('Agg')
@@ -293,6 +293,12 @@ def plot_val_loss(rows, path):
     if groups:
         axes[1].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_val_loss(rows, path):
+    import matplotlib.pyplot as plt
+    fig = val_loss_figure(rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -354,7 +354,7 @@ class RunLog:
         print(f"iter {it}: loss {loss:.4f}, grad norm {grad_norm:.6f}, lr {lr:.2e}, time {ms:.0f}ms, "
               f"{tokens_per_s:,.0f} tokens/s")
         self._append(self.steps, self.steps_path, dict(iter=it, loss=loss, grad_norm=grad_norm, lr=lr,
-                                                       tokens_per_s=round(tokens_per_s)))
+                                                       step_ms=round(ms, 2), tokens_per_s=round(tokens_per_s)))
         if self.wandb:
             self.wandb.log({'iter': it, 'train/step_loss': loss, 'lr': lr})
 
@@ -369,7 +369,7 @@ def run_title(c):
     return f"{what}, lr {c.learning_rate:g}"
 
 
-def plot_losses(steps, evals, path, title):
+def loss_figure(steps, evals, title):
     """Training loss at every log step as a line, validation loss as markers, on a log scale with plain labels."""
     import matplotlib
     matplotlib.use('Agg')
@@ -391,6 +391,12 @@ def plot_losses(steps, evals, path, title):
     ax.legend()
     ax.grid(alpha=0.3, which='both')
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(steps, evals, path, title):
+    import matplotlib.pyplot as plt
+    fig = loss_figure(steps, evals, title)
     save_atomic(fig, path, write=lambda f, fh: f.savefig(fh, format='png', dpi=100))
     plt.close(fig)
 

@@ -1,43 +1,54 @@
 """
-The GPU checks in one run: LoRA training of gpt2-medium shapes (random weights) in bfloat16 and in
-float16 with a gradient scaler, each with and without torch.compile, reporting tokens per second
-and MFU; then greedy generation on the GPU against the CPU.
+The GPU checks in one run, on the real workload: the handout's default run (configs/
+finetune_params_config.py: LoRA r=128, 400 x 16 Rotten Tomatoes reviews, evaluation every 100) on
+gpt2-medium shapes with random weights, run by train.py itself in float16 with the gradient scaler
+(as on a T4) and in bfloat16, each eager and compiled. For each: wall time end to end, step time,
+tokens per second, MFU and the ratio of the step time to its FLOP floor, the final validation loss,
+and the checkpoint's size. Then greedy generation on the GPU against the CPU, and the size and save
+time of a full and of an adapter-only checkpoint of these shapes.
 
-    python bench/gpu.py                                   # on a CUDA machine; writes bench/gpu.json
-    python bench/gpu.py --variants=float16 --steps=5      # a part
+    python bench/gpu.py --dataset=path/to/rotten_tomatoes           # on a CUDA machine; writes bench/gpu.json
+    python bench/gpu.py --variants=bfloat16 --max_iters=100         # a part
 
-MFU is nanoGPT's estimate: 6 N + 12 L H Q T FLOPs per token (forward and backward of every weight),
-over the chip's dense bf16/fp16 peak (peak_tflops, or looked up by the device's name). A LoRA step
-does less (frozen weights need no weight gradient), so the matrix-product FLOPs that PyTorch counts
-in the step are reported too, with their share of a large bf16 matmul timed in the same run.
+MFU counts the FLOPs the step really does (PyTorch's FlopCounterMode on training batches: a LoRA step
+has no weight gradients for the frozen weights) over the chip's dense bf16/fp16 peak (peak_tflops,
+or looked up by the device's name). The FLOP floor is the step's FLOPs at that peak.
 """
 
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
+import tiktoken
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.perf import device_sync, timed_rounds  # noqa: E402
+from common import pick_device, save_atomic  # noqa: E402
+from configurator import configure, run_cli, settings_of  # noqa: E402
+from dataloader import CustomDataLoader, load_splits  # noqa: E402
+from lora import lora_state_dict, mark_only_lora_as_trainable  # noqa: E402
+from model import GPT, GPTConfig, target_positions  # noqa: E402
 
 # -----------------------------------------------------------------------------
-model = 'gpt2-medium'  # a GPT-2 shape
-lora_rank = 128
-lora_alpha = 512.0
-batch_size = 16
-seq_len = 1024
-steps = 20  # timed steps per variant, after warmup
-warmup = 3  # untimed steps (a compiled model compiles in the first)
-variants = 'bfloat16,bfloat16+compile,float16,float16+compile'
+n_layer = 24  # the model's shape: gpt2-medium's
+n_head = 16
+n_embd = 1024
+dataset = 'cornell-movie-review-data/rotten_tomatoes'
+variants = 'float16,float16+compile,bfloat16,bfloat16+compile'  # dtype, +compile for torch.compile
+max_iters = 400  # the default run's
+train_args = ''  # more train.py flags for every variant
 peak_tflops = 0.0  # 0: look it up by the device's name
 device = 'auto'
-out = os.path.join(ROOT, 'bench', 'gpu.json')
+out = 'bench/gpu.json'  # relative to the repository's root
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+DEFAULTS = settings_of(globals())
+CONFIG = os.path.join(ROOT, 'configs', 'finetune_params_config.py')
 
 # dense bfloat16/float16 tensor-core peaks, TFLOP/s, from the vendors' data sheets
 PEAKS = {'H200': 989.0, 'H100 PCIe': 756.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'A10': 125.0, 'T4': 65.0}
@@ -54,108 +65,109 @@ def device_peak(dev, given):
     return None
 
 
-def nanogpt_flops_per_token(m, T):
-    cfg = m.config
-    N = m.get_num_params()
-    return 6 * N + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
-
-
-def train_variant(c, dev, dtype, compiled, peak):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lora import mark_only_lora_as_trainable
-    from model import GPT, PRETRAINED_SHAPES, GPTConfig
-    from train import autocast
+def random_base(c, path):
+    """A random GPT-2 of the benchmark's shape saved as a Hugging Face checkpoint: LoRA runs on it
+    write adapter-only checkpoints, as they do on gpt2-medium."""
+    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    raw = GPT(GPTConfig(**PRETRAINED_SHAPES[c['model']], block_size=max(1024, c['seq_len']),
-                        lora_rank=c['lora_rank'], lora_alpha=c['lora_alpha']))
-    raw = mark_only_lora_as_trainable(raw).to(dev).train()
-    opt = raw.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
-    scaler = torch.amp.GradScaler(dev.split(':')[0], enabled=dtype == 'float16')
-    m = torch.compile(raw) if compiled else raw
-    x = torch.randint(0, 50257, (c['batch_size'], c['seq_len']), device=dev)
-    ctx = autocast(dev, dtype)
-    sync = device_sync(dev)
-    losses = []
-
-    def step():
-        with ctx:
-            loss = m(x, x, targets_only=True)[1]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    t0 = time.perf_counter()
-    for _ in range(c['warmup']):
-        step()
-    sync()
-    warmup_s = time.perf_counter() - t0
-    dt = timed_rounds({'step': step}, c['steps'], sync, warmup=0)['step']
-    with FlopCounterMode(display=False) as counter:
-        with ctx:
-            raw(x, x, targets_only=True)[1].backward()
-    raw.zero_grad(set_to_none=True)
-    losses = [float(v) for v in losses]
-    tokens = c['batch_size'] * c['seq_len']
-    r = dict(step_ms=1000 * dt, tokens_per_s=tokens / dt, warmup_s=warmup_s, first_loss=losses[0],
-             last_loss=losses[-1], all_losses_finite=all(v == v and abs(v) != float('inf') for v in losses),
-             counted_flops_per_s=counter.get_total_flops() / dt)
-    if dtype == 'float16':
-        r['final_loss_scale'] = scaler.get_scale()
-    if peak:
-        r['mfu'] = nanogpt_flops_per_token(raw, c['seq_len']) * tokens / dt / peak
-    if dev.startswith('cuda'):
-        r['max_memory_allocated_gib'] = torch.cuda.max_memory_allocated(dev) / 2**30
-        torch.cuda.reset_peak_memory_stats(dev)
-    return r
+    GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).save_pretrained(path)
+    return path
 
 
-def matmul_peak(dev, dtype):
-    n = 8192 if dev.startswith('cuda') else 1024
-    a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
-    return 2 * n ** 3 / timed_rounds({'mm': lambda: a @ b}, 10, device_sync(dev))['mm']
+def flops_per_token(base, c, dev):
+    """FLOPs of forward and backward per input token of the default run's step, counted on 5 batches."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = mark_only_lora_as_trainable(GPT.from_pretrained(base, dict(lora_rank=128, lora_alpha=512.0))).to(dev)
+    loader = CustomDataLoader(load_splits(c.dataset)['train'], tiktoken.get_encoding('gpt2'), 16)
+    flops = tokens = 0
+    for i in range(5):
+        x, y = loader.get_batch(i)
+        first, index = target_positions(y)
+        with FlopCounterMode(display=False) as counter:
+            model(x.to(dev), y.to(dev), positions=(first, index.to(dev)))[1].backward()
+        flops, tokens = flops + counter.get_total_flops(), tokens + x.numel()
+    return flops / tokens
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_variant(c, base, dev, dtype, compiled, work):
+    """train.py's default run in this variant: what it took and what it reached."""
+    out_dir = os.path.join(work, f"{dtype}{'-compile' if compiled else ''}")
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), CONFIG, f'--init_from={base}', f'--dataset={c.dataset}',
+           f'--out_dir={out_dir}', '--overwrite=True', f'--device={dev}', f'--dtype={dtype}', f'--compile={compiled}',
+           f'--max_iters={c.max_iters}', *c.train_args.split()]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode:
+        return dict(error=(p.stderr.strip().splitlines() or ['exit status %d' % p.returncode])[-1][:300])
+    steps, evals = (read_jsonl(os.path.join(out_dir, name)) for name in ('steps.jsonl', 'metrics.jsonl'))
+    steps = steps[2:] or steps  # the first log intervals hold compilation and warm-up
+    return dict(wall_s=wall, step_ms=statistics.median(s['step_ms'] for s in steps),
+                tokens_per_s=statistics.median(s['tokens_per_s'] for s in steps), final_val_loss=evals[-1]['val_loss'],
+                checkpoint_mb=os.path.getsize(os.path.join(out_dir, 'ckpt.pt')) / 1e6)
 
 
 def generation_matches_cpu(dev):
     """Greedy tokens of a small random LoRA GPT on dev (float32) against the CPU."""
-    from model import GPT, GPTConfig
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, lora_rank=8, lora_alpha=16)).eval()
     idx = torch.randint(0, 50257, (4, 24))
     mask = torch.ones_like(idx)
     mask[0, :5] = mask[2, :11] = 0
     on_cpu = m.generate(idx, 8, temperature=0, attention_mask=mask)
-    on_dev = m.to(dev).generate(idx.to(dev), 8, temperature=0, attention_mask=mask.to(dev)).cpu()
+    m = m.to(dev).train().eval()  # eval() again on the device: its GELU
+    on_dev = m.generate(idx.to(dev), 8, temperature=0, attention_mask=mask.to(dev)).cpu()
     return bool(torch.equal(on_cpu, on_dev))
 
 
+def checkpoint_cost(c, work):
+    """Size and seconds to write a full and an adapter-only checkpoint of LoRA r=128 on these shapes."""
+    torch.manual_seed(0)
+    model = mark_only_lora_as_trainable(GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                      lora_rank=128, lora_alpha=512.0)))
+    opt = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), 'cpu')
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    opt.step()  # AdamW's state exists, as in a checkpoint taken during training
+    out = {}
+    for kind, state in (('full', model.state_dict()), ('adapter', lora_state_dict(model))):
+        path = os.path.join(work, f'{kind}.pt')
+        t0 = time.time()
+        save_atomic({'model': state, 'optimizer': opt.state_dict()}, path)
+        out[kind] = dict(mb=os.path.getsize(path) / 1e6, save_s=time.time() - t0)
+        os.remove(path)
+    return out
+
+
 def main(argv):
-    from configurator import configure
-    from train import pick_device
     c = configure(DEFAULTS, argv)
-    dev = pick_device(c['device'])
-    peak = device_peak(dev, c['peak_tflops'])
+    dev = pick_device(c.device)
+    peak = device_peak(dev, c.peak_tflops)
+    work = tempfile.mkdtemp()
+    base = random_base(c, os.path.join(work, 'base'))
+    per_token = flops_per_token(base, c, dev)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.startswith('cuda') else dev, torch=torch.__version__,
-               settings={k: c[k] for k in ('model', 'lora_rank', 'batch_size', 'seq_len', 'steps')},
-               datasheet_peak_tflops=peak and peak / 1e12, generation_matches_cpu=generation_matches_cpu(dev))
-    if dev.startswith('cuda') and torch.cuda.get_device_capability(dev)[0] >= 8:
-        res['measured_bf16_matmul_tflops'] = matmul_peak(dev, 'bfloat16') / 1e12
+               shape=dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd), max_iters=c.max_iters,
+               datasheet_peak_tflops=peak and peak / 1e12, flops_per_token=per_token,
+               generation_matches_cpu=generation_matches_cpu(dev), checkpoint=checkpoint_cost(c, work))
     print(json.dumps(res, indent=2), flush=True)
-    for v in c['variants'].split(','):
+    for v in c.variants.split(','):
         dtype, _, how = v.partition('+')
-        try:
-            r = train_variant(c, dev, dtype, how == 'compile', peak)
-        except Exception as e:  # one variant failing (say, compile without a compiler) must not lose the rest
-            r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        r = run_variant(c, base, dev, dtype, how == 'compile', work)
+        if 'error' not in r and peak:
+            r['mfu'] = per_token * r['tokens_per_s'] / peak
+            r['step_over_flop_floor'] = 1 / r['mfu']
         res[v] = r
         print(v, json.dumps(r), flush=True)
-    with open(c['out'], 'w') as f:
+    with open(os.path.join(ROOT, c.out), 'w') as f:
         json.dump(res, f, indent=2)
     return res
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

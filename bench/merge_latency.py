@@ -11,13 +11,14 @@ machine slows all three alike.
 """
 
 import os
-import statistics
 import sys
-import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.timing import merge_latency  # noqa: E402
+from common import pick_device  # noqa: E402
+from configurator import check, configure, run_cli, settings_of  # noqa: E402
+from model import PRETRAINED_SHAPES  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = 'gpt2'  # a GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl
@@ -28,52 +29,21 @@ rounds = 30
 device = 'auto'
 seed = 1337
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+DEFAULTS = settings_of(globals())
 
 
 def main(argv):
-    from bench.perf import device_sync
-    from configurator import configure
-    from model import GPT, PRETRAINED_SHAPES, GPTConfig
-    from train import pick_device
     c = configure(DEFAULTS, argv)
-    dev = pick_device(c['device'])
-    torch.manual_seed(c['seed'])
-    shape = dict(PRETRAINED_SHAPES[c['model']], block_size=max(c['seq_len'], 64))
-    plain = GPT(GPTConfig(**shape)).to(dev).eval()
-    lora = GPT(GPTConfig(**shape, lora_rank=c['lora_rank'], lora_alpha=2.0 * c['lora_rank'])).to(dev)
-    lora.load_state_dict(plain.state_dict(), strict=False)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if n.endswith('lora_B'):
-                p.normal_(std=0.01)  # a trained-looking update, so merging changes W
-    merged = lora.eval()
-    # an un-merged copy: the same weights, kept in train mode with dropout off
-    unmerged = GPT(GPTConfig(**shape, lora_rank=c['lora_rank'], lora_alpha=2.0 * c['lora_rank'])).to(dev)
-    unmerged.load_state_dict(lora.state_dict())
-    variants = {'no LoRA': plain, 'LoRA merged': merged, 'LoRA un-merged': unmerged}
-    idx = torch.randint(0, 50257, (c['batch_size'], c['seq_len']), device=dev)
-    sync = device_sync(dev)
-    times = {k: [] for k in variants}
-    with torch.no_grad():
-        for m in variants.values():  # warm up
-            m(idx, idx)
-        names = list(variants)
-        for r in range(c['rounds']):
-            for name in names[r % 3:] + names[:r % 3]:  # each variant goes first in turn
-                m = variants[name]
-                sync()
-                t0 = time.perf_counter()
-                m(idx, idx)
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times['no LoRA'])
-    print(f"{c['model']} shapes, LoRA r={c['lora_rank']}, batch {c['batch_size']} x {c['seq_len']} tokens, "
-          f"{dev}, median of {c['rounds']} rounds")
-    for name, ts in times.items():
-        print(f"  {name:<15} {1000 * statistics.median(ts):8.2f} ms   {statistics.median(ts) / base:5.3f}x no LoRA")
-    return {name: statistics.median(ts) / base for name, ts in times.items()}
+    check([(c.model not in PRETRAINED_SHAPES, f"model must be one of {', '.join(PRETRAINED_SHAPES)}, not {c.model!r}"),
+           (c.lora_rank < 1, f"lora_rank must be >= 1, not {c.lora_rank}")])
+    dev = pick_device(c.device)
+    t = merge_latency(c.model, c.lora_rank, c.batch_size, c.seq_len, c.rounds, dev, c.seed)
+    print(f"{c.model} shapes, LoRA r={c.lora_rank}, batch {c.batch_size} x {c.seq_len} tokens, "
+          f"{dev}, median of {c.rounds} rounds")
+    for name, s in t.items():
+        print(f"  {name:<15} {1000 * s:8.2f} ms   {s / t['no LoRA']:5.3f}x no LoRA")
+    return {name: s / t['no LoRA'] for name, s in t.items()}
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

@@ -1,149 +1,183 @@
 """
-Accuracy parity with Hugging Face PEFT: LoRA trained here against PEFT LoRA trained on the same
-model, data, batches, prompt, rank, alpha, steps, optimizer and learning-rate schedule, both scored
-on the same test prompts with greedy decoding and the same matching rule.
+Parity with Hugging Face PEFT: LoRA trained by this repository's train.py against PEFT LoRA trained
+on the same model, data, batches, prompt, rank, alpha, initial A, steps, optimizer and learning-rate
+schedule (no dropout, so no masks to share). The validation loss is compared at every evaluation
+and the test accuracy at the end, both scored on the same prompts with the same matching rule.
 
-    python bench/peft_parity.py --init_from=../shared/models/gpt2-imdb-standin \
-        --dataset=../shared/data/rotten_tomatoes --lora_rank=16 --lora_alpha=32 --max_iters=300
+    python bench/peft_parity.py --init_from=../shared/models/gpt2-imdb-12x256 \
+        --dataset=../shared/data/rotten_tomatoes --lora_rank=16 --device=cpu
 
-Needs `peft` (requirements-dev.txt). Prints both accuracies and writes bench/peft_parity.json.
+Needs `peft` (requirements-dev.txt). Adds the run to bench/peft_parity.json (a run with the same
+settings is replaced) and prints it.
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
+import tiktoken
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpoint import PEFT_TARGETS, copy_lora_into_peft  # noqa: E402
+from common import get_lr  # noqa: E402
+from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
+from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, parse_label, stratified_subset  # noqa: E402
+from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2'
 dataset = 'cornell-movie-review-data/rotten_tomatoes'
-out_dir = 'bench/peft_parity'
+out_dir = 'out-peft-parity'  # train.py's run
 lora_rank = 16
-lora_alpha = 32.0
-learning_rate = 3e-3
-max_iters = 300
+lora_alpha = 0.0  # 0: 4 x lora_rank, as sweep.py
+learning_rate = 5e-4
+max_iters = 400
 batch_size = 16
+eval_interval = 50
+eval_iters = 20
 warmup_iters = 20
-min_lr = 3e-4
 loss_on = 'label'
 num_samples = 0  # test reviews; 0: all
 eval_batch_size = 32
 seed = 1337
+device = 'cpu'
+results = 'bench/peft_parity.json'  # relative to the repository's root
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+DEFAULTS = settings_of(globals())
+MAX_NEW_TOKENS = 5  # generate.py's default
 
 
-def train_peft(c, loader):
-    """PEFT LoRA on transformers' GPT-2, attention c_attn and c_proj only, with train.py's recipe."""
+def run_ours(c):
+    """train.py and generate.py as a user runs them: (validation losses by iteration, accuracy, train seconds)."""
+    common = [f'--dataset={c.dataset}', f'--out_dir={c.out_dir}', f'--device={c.device}']
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--init_from={c.init_from}', *common,
+                    '--overwrite=True', f'--lora_rank={c.lora_rank}', f'--lora_alpha={c.lora_alpha}', '--lora_dropout=0.0',
+                    f'--learning_rate={c.learning_rate}', f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
+                    f'--warmup_iters={c.warmup_iters}', f'--loss_on={c.loss_on}', f'--eval_interval={c.eval_interval}',
+                    f'--eval_iters={c.eval_iters}', '--log_interval=50', f'--seed={c.seed}'], check=True)
+    train_s = time.time() - t0
+    subprocess.run([sys.executable, os.path.join(ROOT, 'generate.py'), '--init_from=resume', *common,
+                    f'--num_samples={c.num_samples}', f'--batch_size={c.eval_batch_size}', f'--seed={c.seed}'], check=True)
+    with open(os.path.join(c.out_dir, 'metrics.jsonl')) as f:
+        val = {r['iter']: r['val_loss'] for r in map(json.loads, f)}
+    with open(os.path.join(c.out_dir, 'results.json')) as f:
+        return val, json.load(f)['accuracy'], train_s
+
+
+def peft_model(c):
+    """transformers' GPT-2 with PEFT LoRA on the attention c_attn and c_proj, starting from train.py's A."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
-    torch.manual_seed(c.seed)
     base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
-    from export import PEFT_TARGETS, copy_lora_into_peft
-    from model import GPT
-    from train import get_lr
-    config = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0, fan_in_fan_out=True,
-                        target_modules=PEFT_TARGETS, bias="none")
-    model = get_peft_model(base, config)
-    # start from the very A matrices train.py started from (same seed, same construction)
-    torch.manual_seed(c.seed)
+    model = get_peft_model(base, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0,
+                                            fan_in_fan_out=True, target_modules=PEFT_TARGETS, bias="none"))
+    torch.manual_seed(c.seed)  # train.py seeds, then builds the model: the same A matrices
     copy_lora_into_peft(GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)), model)
-    schedule = SimpleNamespace(**vars(c), decay_lr=True, lr_decay_iters=0)  # train.py's, as main() runs it
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    for it in range(c.max_iters):
-        lr = get_lr(schedule, it)
-        for g in opt.param_groups:
-            g['lr'] = lr
-        x, y = loader.get_batch(it)
-        logits = model(input_ids=x).logits
-        keep = y != -1
-        loss = torch.nn.functional.cross_entropy(logits[keep], y[keep])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if it % 50 == 0:
-            print(f"peft iter {it}: loss {loss.item():.4f}", flush=True)
-    return model.eval()
+    return model.to(c.device)
 
 
 @torch.no_grad()
-def hf_val_loss(model, val_loader, eval_iters):
-    """train.py's validation loss (the same batches, token-weighted) for a transformers model."""
+def val_loss(model, loader, c):
+    """train.py's validation loss: the first eval_iters batches, mean over their target tokens."""
+    model.eval()
     total, count = 0.0, 0
-    for _, (x, y) in zip(range(eval_iters), val_loader):
+    for _, (x, y) in zip(range(c.eval_iters), loader):
         keep = y != -1
-        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits[keep], y[keep])
-        total, count = total + loss.item() * int(keep.sum()), count + int(keep.sum())
+        logits = model(input_ids=x.to(c.device)).logits
+        total += F.cross_entropy(logits[keep.to(c.device)], y[keep].to(c.device), reduction='sum').item()
+        count += int(keep.sum())
+    model.train()
     return total / count
 
 
+def train_peft(c, model, loaders):
+    """train.py's recipe on the PEFT model: the same batches, schedule, AdamW and clipping."""
+    train_loader, val_loader = loaders
+    schedule = Settings(c, decay_lr=True, lr_decay_iters=0, min_lr=0.0)  # train.py's defaults
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    val = {}
+    model.train()
+    for it in range(c.max_iters + 1):
+        if it % c.eval_interval == 0 or it == c.max_iters:
+            val[it] = val_loss(model, val_loader, c)
+            print(f"peft step {it}: val loss {val[it]:.4f}", flush=True)
+        if it == c.max_iters:
+            return val
+        for g in opt.param_groups:
+            g['lr'] = get_lr(schedule, it)
+        x, y = train_loader.get_batch(it)
+        keep = y != -1
+        logits = model(input_ids=x.to(c.device)).logits
+        F.cross_entropy(logits[keep.to(c.device)], y[keep].to(c.device)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
-def hf_accuracy(model, sampler):
-    """Greedy transformers generate on sampler's prompts, the same matching rule as generate.py."""
-    from generate import parse_label
+def peft_accuracy(model, c, enc):
+    """Greedy transformers generate on generate.py's prompts and reviews, with its matching rule."""
+    test = load_splits(c.dataset, ('test',))['test']
+    recs = test.select(stratified_subset(test['label'], c.num_samples, c.seed))
+    block = model.config.n_positions
     correct = 0
-    recs = list(sampler.records)
-    for s in range(0, len(recs), sampler.batch_size):
-        part = recs[s:s + sampler.batch_size]
-        idx, mask = sampler._left_pad([sampler.prompt_ids(r['text']) for r in part])
-        out = model.generate(input_ids=idx, attention_mask=mask, max_new_tokens=sampler.max_new_tokens,
-                             do_sample=False, pad_token_id=sampler.enc.eot_token)
-        for r, row in zip(part, out[:, idx.size(1):].tolist()):
-            row = row[:row.index(sampler.enc.eot_token)] if sampler.enc.eot_token in row else row
-            correct += parse_label(sampler.enc.decode(row)) == r['label']
+    model.eval()
+    for s in range(0, len(recs), c.eval_batch_size):
+        part = recs[s:s + c.eval_batch_size]
+        idx, mask = left_pad([encode_prompt(enc, t, block - MAX_NEW_TOKENS) for t in part['text']], enc.eot_token)
+        out = model.generate(input_ids=idx.to(c.device), attention_mask=mask.to(c.device), max_new_tokens=MAX_NEW_TOKENS,
+                             do_sample=False, pad_token_id=enc.eot_token)
+        for label, row in zip(part['label'], out[:, idx.size(1):].tolist()):
+            row = row[:row.index(enc.eot_token)] if enc.eot_token in row else row
+            correct += parse_label(enc.decode(row)) == label
     return correct / len(recs)
 
 
+def save(result, path):
+    """Add result to the runs in path, replacing one with the same settings."""
+    try:
+        with open(path) as f:
+            runs = json.load(f)['runs']
+    except (OSError, ValueError, KeyError, TypeError):
+        runs = []
+    same = {k: result['settings'][k] for k in ('init_from', 'dataset', 'lora_rank', 'lora_alpha', 'learning_rate',
+                                               'max_iters', 'batch_size', 'num_samples', 'seed')}
+    runs = [r for r in runs if {k: r['settings'].get(k) for k in same} != same] + [result]
+    with open(path, 'w') as f:
+        json.dump({'runs': runs}, f, indent=2)
+
+
 def main(argv):
-    import tiktoken
-
-    import train
-    from configurator import configure
-    from dataloader import CustomDataLoader, load_splits
-    from generate import ModelSampler
-    c = SimpleNamespace(**configure(DEFAULTS, argv))
-    common = dict(dataset=c.dataset, device='cpu', num_samples=c.num_samples, batch_size=c.eval_batch_size)
-
-    t0 = time.time()
-    train.main([f'--init_from={c.init_from}', f'--dataset={c.dataset}', f'--out_dir={c.out_dir}', '--overwrite=True',
-                f'--lora_rank={c.lora_rank}', f'--lora_alpha={c.lora_alpha}', '--lora_dropout=0.0',
-                f'--learning_rate={c.learning_rate}', f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
-                f'--warmup_iters={c.warmup_iters}', f'--min_lr={c.min_lr}', f'--loss_on={c.loss_on}',
-                f'--eval_interval={c.max_iters}', '--eval_iters=10', '--log_interval=50', f'--seed={c.seed}',
-                '--device=cpu'])
-    ours_train_s = time.time() - t0
-    sampler = ModelSampler(init_from='resume', out_dir=c.out_dir, **common)
-    ours, _, _ = sampler.get_accuracy()
-    with open(os.path.join(c.out_dir, 'metrics.jsonl')) as f:
-        ours_val = [json.loads(line) for line in f][-1]['val_loss']
-
+    c = configure(DEFAULTS, argv)
+    c.lora_alpha = c.lora_alpha or 4.0 * c.lora_rank
+    ours_val, ours_acc, ours_s = run_ours(c)
+    enc = tiktoken.get_encoding('gpt2')
     data = load_splits(c.dataset)
-    loader = CustomDataLoader(data['train'], tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=c.loss_on,
-                              seed=c.seed)  # the batches train.py used, in the same order
+    model = peft_model(c)
+    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=model.config.n_positions, loss_on=c.loss_on,
+                  seed=c.seed)  # train.py's: the same batches in the same order
+    loaders = CustomDataLoader(data['train'], **loader), CustomDataLoader(data['validation'], **loader)
     t0 = time.time()
-    peft_model = train_peft(c, loader)
-    peft_train_s = time.time() - t0
-    theirs = hf_accuracy(peft_model, sampler)
-    val_loader = CustomDataLoader(data['validation'], tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=c.loss_on,
-                                  seed=c.seed)
-    peft_val = hf_val_loss(peft_model, val_loader, 10)
-
-    result = dict(ours_accuracy=ours, peft_accuracy=theirs, difference_points=round(100 * (ours - theirs), 2),
-                  ours_val_loss=ours_val, peft_val_loss=peft_val,
-                  ours_train_s=round(ours_train_s, 1), peft_train_s=round(peft_train_s, 1),
-                  n_test=len(sampler.records), settings=vars(c))
+    peft_val = train_peft(c, model, loaders)
+    peft_s = time.time() - t0
+    peft_acc = peft_accuracy(model, c, enc)
+    rel = {it: abs(ours_val[it] - peft_val[it]) / peft_val[it] for it in peft_val}
+    result = dict(ours_accuracy=ours_acc, peft_accuracy=peft_acc, difference_points=round(100 * (ours_acc - peft_acc), 2),
+                  val_loss=[dict(iter=it, ours=ours_val[it], peft=peft_val[it]) for it in sorted(peft_val)],
+                  max_relative_val_loss_difference=max(rel.values()),
+                  ours_train_s=round(ours_s, 1), peft_train_s=round(peft_s, 1), settings=dict(c))
     print(json.dumps(result, indent=2))
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peft_parity.json'), 'w') as f:
-        json.dump(result, f, indent=2)
+    save(result, os.path.join(ROOT, c.results))
+    return result
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

@@ -10,8 +10,9 @@ bench/results.json.
    rank 16 on the attention c_attn and c_proj, batch 16 of Rotten Tomatoes reviews, against
    GPT2LMHeadModel + PEFT; loss on all tokens, and on the label only. Both start from the same
    weights and LoRA matrices, and their first losses are checked equal before anything is timed.
-2. eval: reviews per second of generate.py (greedy, max_new_tokens=5) against transformers'
-   generate on the same prompts, batches and weights; and of generate.py's score mode.
+2. eval: reviews per second of `python generate.py` (greedy, max_new_tokens=5; its own timing of the
+   predictions) against transformers' generate on the same prompts, batches and weights; and of
+   generate.py's score mode.
 3. latency: forward latency of a merged LoRA model against the model without LoRA (question 2.1).
 4. memory: peak memory of LoRA r=128 training against full fine-tuning, gpt2-medium shapes (each in
    its own process: RSS on CPU, torch.cuda.max_memory_allocated on GPU).
@@ -31,10 +32,19 @@ import sys
 import tempfile
 import time
 
+import tiktoken
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
+from checkpoint import PEFT_TARGETS, copy_lora_into_peft  # noqa: E402
+from common import autocast, pick_device  # noqa: E402
+from configurator import check, configure, run_cli, settings_of  # noqa: E402
+from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, stratified_subset  # noqa: E402
+from lora import mark_only_lora_as_trainable  # noqa: E402
+from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
 only = 'train,eval,latency,memory,flops,bf16'
@@ -48,38 +58,14 @@ device = 'auto'
 seed = 1337
 memory_model = 'gpt2-medium'
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-
-
-def device_sync(dev):
-    """A function that waits for dev's queued work (a no-op on CPU), for timing."""
-    return torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
-
-
-def timed_rounds(fns, rounds, sync, warmup=1):
-    """Median seconds of each function, called in turns, after warmup calls each."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+DEFAULTS = settings_of(globals())
+PARTS = ('train', 'eval', 'latency', 'memory', 'flops', 'bf16')
 
 
 def gpt2_small_pair(dev, rank=16, seed=1337):
     """Our LoRA GPT and a transformers + PEFT GPT-2, 124M shapes, the same random weights and LoRA A."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from export import PEFT_TARGETS, copy_lora_into_peft
-    from lora import mark_only_lora_as_trainable
-    from model import GPT
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
     path = tempfile.mkdtemp()
@@ -93,10 +79,7 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
 
 def first_batch(c, dev, records, loss_on='label', bucket=32):
     """The first training batch train.py would take, on dev, and its loader."""
-    import tiktoken
-
-    from dataloader import CustomDataLoader
-    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c['batch_size'], loss_on=loss_on, seed=c['seed'],
+    loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=loss_on, seed=c.seed,
                               bucket=bucket)
     x, y = (t.to(dev) for t in loader.get_batch(0))
     return x, y, loader
@@ -132,40 +115,60 @@ def bench_train(c, dev, sync, records):
             a, b = ours(x, y, targets_only=True)[1].item(), torch.nn.functional.cross_entropy(
                 peft(input_ids=x).logits[keep], y[keep]).item()
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), f"initial losses differ: {a} vs {b}"
-        t = timed_rounds({'ours': step_ours, 'peft': step_peft}, c['rounds'], sync)
+        t = timed_rounds({'ours': step_ours, 'peft': step_peft}, c.rounds, sync)
         tokens = int((x != 50256).sum())
         out[loss_on] = dict(initial_loss=a, tokens=tokens, ours_tokens_per_s=tokens / t['ours'],
                             peft_tokens_per_s=tokens / t['peft'], ratio=t['peft'] / t['ours'])
     return out
 
 
-def bench_eval(c, dev, sync, records):
+def bench_eval(c, dev):
+    """
+    Reviews per second of generate.py (its own timing of the predictions, model and data loaded) and
+    of transformers' generate on the same prompts in the same batches, in turns round after round.
+    """
     from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(c.eval_model).to(dev).eval()
+    test = load_splits(c.dataset, ('test',))['test']
+    enc, max_new_tokens, eot = tiktoken.get_encoding('gpt2'), 5, 50256
+    texts = test.select(stratified_subset(test['label'], c.eval_reviews, 1337))['text']  # generate.py's reviews
+    prompts = sorted((encode_prompt(enc, t, hf.config.n_positions - max_new_tokens) for t in texts), key=len)
+    out_dir = tempfile.mkdtemp()
 
-    from generate import ModelSampler
-    kw = dict(init_from=c['eval_model'], dataset=c['dataset'], device=dev, num_samples=c['eval_reviews'],
-              batch_size=c['eval_batch_size'], dtype='float32')
-    gen, score = ModelSampler(**kw), ModelSampler(mode='score', **kw)
-    hf = GPT2LMHeadModel.from_pretrained(c['eval_model']).to(dev).eval()
-    prompts = sorted((gen.prompt_ids(r['text']) for r in gen.records), key=len)  # as generate.py batches them
-    eot = gen.enc.eot_token
+    def ours(mode):
+        subprocess.run([sys.executable, os.path.join(ROOT, 'generate.py'), f'--init_from={c.eval_model}',
+                        f'--dataset={c.dataset}', f'--device={dev}', f'--num_samples={c.eval_reviews}', '--dtype=float32',
+                        f'--batch_size={c.eval_batch_size}', f'--mode={mode}', f'--out_dir={out_dir}'],
+                       check=True, capture_output=True)
+        with open(os.path.join(out_dir, 'results.json')) as f:
+            return json.load(f)['seconds']
 
-    def hf_generate():
-        with torch.no_grad():
-            for s in range(0, len(prompts), gen.batch_size):
-                idx, mask = gen._left_pad(prompts[s:s + gen.batch_size])
-                hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=gen.max_new_tokens, do_sample=False,
-                            pad_token_id=eot)
-    t = timed_rounds({'ours': lambda: gen.predictions(progress=False), 'hf': hf_generate,
-                      'score': lambda: score.predictions(progress=False)}, max(1, c['rounds'] // 3), sync)
+    @torch.no_grad()
+    def theirs():
+        sync = device_sync(dev)
+        sync()
+        t0 = time.perf_counter()
+        for s in range(0, len(prompts), c.eval_batch_size):
+            idx, mask = left_pad(prompts[s:s + c.eval_batch_size], eot)
+            hf.generate(input_ids=idx.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                        do_sample=False, pad_token_id=eot)
+        sync()
+        return time.perf_counter() - t0
+    theirs()  # warm up
+    t = {k: [] for k in ('ours', 'hf', 'score')}
+    for _ in range(max(1, c.rounds // 3)):
+        t['ours'].append(ours('generate'))
+        t['hf'].append(theirs())
+        t['score'].append(ours('score'))
+    t = {k: statistics.median(v) for k, v in t.items()}
     n = len(prompts)
     return dict(reviews=n, ours_reviews_per_s=n / t['ours'], hf_reviews_per_s=n / t['hf'],
                 score_reviews_per_s=n / t['score'], generate_ratio=t['hf'] / t['ours'], score_ratio=t['hf'] / t['score'])
 
 
 def bench_latency(c, dev):
-    from bench.merge_latency import main as latency
-    return latency([f"--device={dev}", "--model=gpt2", "--lora_rank=128", f"--rounds={max(30, c['rounds'])}"])
+    t = merge_latency('gpt2', 128, 1, 128, max(30, c.rounds), dev, c.seed)
+    return {name: s / t['no LoRA'] for name, s in t.items()}
 
 
 MEMORY_CHILD = r'''
@@ -209,7 +212,7 @@ print(json.dumps(dict(peak_bytes=peak, baseline_bytes=baseline, weight_bytes=wei
 def bench_memory(c, dev):
     out = {}
     for name, rank in (('lora_r128', 128), ('full', 0)):
-        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c['memory_model'])
+        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c.memory_model)
         p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
         out[name] = json.loads(p.stdout.strip().splitlines()[-1])
     out['ratio'] = out['lora_r128']['peak_bytes'] / out['full']['peak_bytes']
@@ -234,7 +237,7 @@ def bench_flops(c, dev, sync, records):
         step()
     flops = counter.get_total_flops()
     # the peak and the step in turns, so that a machine whose speed drifts affects both alike
-    t = timed_rounds({'mm': lambda: a @ b, 'step': step}, c['rounds'], sync)
+    t = timed_rounds({'mm': lambda: a @ b, 'step': step}, c.rounds, sync)
     peak = 2 * n ** 3 / t['mm']
     return dict(matmul_peak_flops=peak, step_flops=flops, step_flops_per_s=flops / t['step'],
                 share_of_peak=flops / t['step'] / peak,
@@ -243,7 +246,6 @@ def bench_flops(c, dev, sync, records):
 
 
 def bench_bf16(c, dev, sync, records):
-    from train import autocast
     ours, _ = gpt2_small_pair(dev)
     x, y, _ = first_batch(c, dev, records)
 
@@ -255,7 +257,7 @@ def bench_bf16(c, dev, sync, records):
             ours.zero_grad(set_to_none=True)
         return run
     # without native bfloat16 a step takes about a minute here: fewer rounds
-    t = timed_rounds({'float32': step('float32'), 'bfloat16': step('bfloat16')}, max(1, c['rounds'] // 3), sync)
+    t = timed_rounds({'float32': step('float32'), 'bfloat16': step('bfloat16')}, max(1, c.rounds // 3), sync)
     return dict(float32_s=t['float32'], bfloat16_s=t['bfloat16'], speedup=t['float32'] / t['bfloat16'])
 
 
@@ -278,7 +280,7 @@ def write_results(res, c, argv, dev):
     if 'eval' in res:
         r = res['eval']
         hf = f"{r['hf_reviews_per_s']:.1f} reviews/s (transformers generate)"
-        lines.append(row(f"test accuracy, generate ({r['reviews']} reviews, {c['eval_model']})",
+        lines.append(row(f"test accuracy, generate ({r['reviews']} reviews, {c.eval_model})",
                          f"{r['ours_reviews_per_s']:.1f} reviews/s", hf, f"{r['generate_ratio']:.2f}x", ">= 1.0x"))
         lines.append(row("test accuracy, score mode", f"{r['score_reviews_per_s']:.1f} reviews/s", hf,
                          f"{r['score_ratio']:.2f}x", ">= 4x"))
@@ -289,7 +291,7 @@ def write_results(res, c, argv, dev):
             lines.append(row(f"forward latency, {what}", f"{r[name]:.3f}x", "1.000x (no LoRA)", f"{r[name]:.3f}x", target))
     if 'memory' in res:
         r = res['memory']
-        lines.append(row(f"peak training memory, {c['memory_model']} shapes", f"{r['lora_r128']['peak_bytes'] / 2**30:.2f} GiB (LoRA r=128)",
+        lines.append(row(f"peak training memory, {c.memory_model} shapes", f"{r['lora_r128']['peak_bytes'] / 2**30:.2f} GiB (LoRA r=128)",
                          f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning)", f"{r['ratio']:.2f}x", "<= 0.4x"))
     if 'flops' in res:
         r = res['flops']
@@ -318,21 +320,19 @@ def write_results(res, c, argv, dev):
 
 
 def main(argv):
-    from configurator import configure
-    from dataloader import load_splits
-    from train import pick_device
     c = configure(DEFAULTS, argv)
-    dev = pick_device(c['device'])
+    parts = c.only.split(',')
+    check([(p not in PARTS, f"only names parts among {', '.join(PARTS)}, not {p!r}") for p in parts])
+    dev = pick_device(c.device)
     sync = device_sync(dev)
-    records = load_splits(c['dataset'])['train']
+    records = load_splits(c.dataset)['train']
     res = {}
-    parts = c['only'].split(',')
     for part in parts:
         t0 = time.time()
         if part == 'train':
             res[part] = bench_train(c, dev, sync, records)
         elif part == 'eval':
-            res[part] = bench_eval(c, dev, sync, records)
+            res[part] = bench_eval(c, dev)
         elif part == 'latency':
             res[part] = bench_latency(c, dev)
         elif part == 'memory':
@@ -346,4 +346,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], __file__))

@@ -7,6 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# tests run scripts from other folders (the notebook's from a copy): a relative cache would be lost there
+if os.environ.get("TIKTOKEN_CACHE_DIR"):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
 SHARED = Path(os.environ.get("LORA_GPT2_SHARED", ROOT.parent / "shared"))
 STANDIN = SHARED / "models" / "gpt2-imdb-standin"
 DATA = SHARED / "data" / "rotten_tomatoes"

@@ -1,15 +1,39 @@
-"""bench/gpu.py, the script prepared for a lent GPU, runs its float32 path here on the CPU."""
+"""The benchmark scripts run here on a tiny model: bench/gpu.py (prepared for a lent GPU) on the CPU."""
 import json
 
 from bench.gpu import main as gpu_checks
 
 
-def test_gpu_script_runs_on_cpu(tmp_path):
+def test_gpu_script_runs_the_default_run_on_cpu(reviews, tmp_path):
     out = tmp_path / "gpu.json"
-    res = gpu_checks(["--model=gpt2", "--batch_size=1", "--seq_len=16", "--steps=2", "--warmup=1",
-                      "--variants=float32", "--device=cpu", f"--out={out}", "--peak_tflops=0.1"])
+    res = gpu_checks(["--n_layer=2", "--n_head=2", "--n_embd=32", "--variants=float32", "--max_iters=6",
+                      f"--dataset={reviews}", "--device=cpu", f"--out={out}", "--peak_tflops=0.1",
+                      "--train_args=--eval_interval=3 --eval_iters=1 --log_interval=1 --batch_size=4"])
     assert json.loads(out.read_text()) == res
     assert res["generation_matches_cpu"] is True
     r = res["float32"]
-    assert "error" not in r and r["all_losses_finite"] and r["tokens_per_s"] > 0
-    assert 0 < r["mfu"] < 1 and r["counted_flops_per_s"] > 0
+    assert "error" not in r, r
+    assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["wall_s"] > 0 and r["final_val_loss"] > 0
+    assert 0 < r["mfu"] < 1 and r["step_over_flop_floor"] > 1
+    assert r["checkpoint_mb"] < 1  # adapter-only: the base is a local checkpoint
+    full, adapter = res["checkpoint"]["full"], res["checkpoint"]["adapter"]
+    assert adapter["mb"] < full["mb"] / 5
+
+
+def test_peft_parity_trains_both_the_same_way(tiny_ckpt, reviews, tmp_path):
+    from bench.peft_parity import main as parity, save
+    results = tmp_path / "parity.json"
+    result = parity([f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path / 'run'}",
+                     "--max_iters=6", "--batch_size=4", "--eval_interval=3", "--eval_iters=2", "--learning_rate=3e-2",
+                     "--warmup_iters=0", "--lora_rank=4", f"--results={results}"])
+    assert json.loads(results.read_text()) == {"runs": [result]}
+    assert [v["iter"] for v in result["val_loss"]] == [0, 3, 6]
+    assert result["val_loss"][-1]["ours"] < result["val_loss"][0]["ours"] - 0.3  # it learned something ...
+    assert result["max_relative_val_loss_difference"] < 1e-4  # ... exactly as PEFT did
+    assert 0 <= result["ours_accuracy"] <= 1 and result["settings"]["init_from"] == tiny_ckpt
+    # a run with other settings is added; one with the same settings replaces the old one
+    other = dict(result, settings=dict(result["settings"], lora_rank=8))
+    save(other, results)
+    save(dict(result, ours_accuracy=-1), results)
+    assert [(r["settings"]["lora_rank"], r["ours_accuracy"]) for r in json.loads(results.read_text())["runs"]] == \
+        [(8, result["ours_accuracy"]), (4, -1)]

@@ -80,3 +80,17 @@ def test_several_seeds_give_a_mean_and_a_spread(tiny_ckpt, reviews, tmp_path):
     accuracies = [100 * r["accuracy"] for r in rows]
     mean = sum(accuracies) / 2
     assert f"| 1337, 7 | {mean:.1f} ± " in line and f"({min(accuracies):.1f}-{max(accuracies):.1f})" in line
+
+
+def test_every_curve_of_the_sweep_plot_can_be_told_apart():
+    def row(group, losses):
+        return dict(group=group, metrics=[dict(iter=50 * i, val_loss=v) for i, v in enumerate(losses)])
+    rows = [row("lora-r16", [9.4, 0.50, 0.40]), row("lora-r128", [9.4, 0.45, 0.41]),
+            row("lora-r196", [9.4, 0.45, 0.41]), row("full", [9.4, 0.35, 0.30]), row("full", [9.4, 0.37, 0.32])]
+    fig = sweep.val_loss_figure(rows)
+    whole, zoomed = fig.axes
+    styles = [(line.get_marker(), line.get_linestyle()) for line in zoomed.get_lines()]
+    assert len(styles) == 4 and len(set(styles)) == 4  # equal curves still differ in marker and line style
+    assert [line.get_label() for line in zoomed.get_lines()][-1] == "full (mean of 2 seeds)"
+    assert zoomed.get_ylim()[1] < 1  # the first drop (9.4 -> 0.5) does not flatten the rest
+    assert whole.get_yscale() == "log" and len(whole.get_lines()) == 4

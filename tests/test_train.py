@@ -9,7 +9,7 @@ import torch
 
 import train
 from conftest import ROOT
-from configurator import ConfigError
+from configurator import ConfigError, Settings
 from checkpoint import load_checkpoint
 
 
@@ -109,3 +109,133 @@ def test_ddp_step_equals_one_process_on_the_same_examples(tiny_ckpt, reviews, tm
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_lora_on_a_reloadable_base_saves_only_the_adapter(tiny_ckpt, reviews, tmp_path):
+    from conftest import save_random_hf_gpt2
+    run(tiny_ckpt, reviews, tmp_path / "lora", "--max_iters=2")
+    ckpt = torch.load(tmp_path / "lora" / "ckpt.pt", weights_only=True)
+    assert ckpt["adapter_only"] and ckpt["config"]["checkpoint"] == "adapter"
+    assert set(ckpt["model"]) == {f"transformer.h.{i}.attn.{p}.lora_{m}" for i in range(2) for p in ("c_attn", "c_proj")
+                                  for m in "AB"}
+    assert ckpt["base_model"] == tiny_ckpt and len(ckpt["base_fingerprint"]) == 16
+    run(tiny_ckpt, reviews, tmp_path / "full", "--max_iters=2", "--checkpoint=full")
+    assert not torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["adapter_only"]
+    run(tiny_ckpt, reviews, tmp_path / "ft", "--max_iters=2", "--rank=0")
+    assert not torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["adapter_only"]
+    # a base model that changed under the adapter is refused, not silently combined
+    changed = tmp_path / "changed-base"
+    save_random_hf_gpt2(changed, seed=1)
+    run(str(changed), reviews, tmp_path / "on-changed", "--max_iters=1")
+    save_random_hf_gpt2(changed, seed=2)
+    with pytest.raises(ValueError, match="has other weights than the one the adapter .* was trained on"):
+        load_checkpoint(str(tmp_path / "on-changed" / "ckpt.pt"))
+
+
+def tiny_lora_model(seed=0):
+    from lora import mark_only_lora_as_trainable
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return mark_only_lora_as_trainable(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, lora_rank=4,
+                                                     lora_alpha=8.0)))
+
+
+def step_setup(model, device, ctx=None, **flags):
+    """What train_step needs besides the batches: settings, runtime, optimizer, disabled scaler, stats."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    from configurator import configure
+    c = configure(train.DEFAULTS, [f"--{k}={v}" for k, v in flags.items()])
+    rt = SimpleNamespace(ddp=False, world=1, rank=0, device=device, ctx=ctx or nullcontext())
+    return (c, rt, model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), device),
+            torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2, device=device))
+
+
+def varied_reviews(n=200):
+    import random
+    rng = random.Random(0)
+    words = ["good", "bad", "film", "remarkably", "the", "tedious"]
+    return [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 70))), "label": i % 2} for i in range(n)]
+
+
+def test_a_training_step_never_waits_for_the_device():
+    # on the meta device a tensor has no values: reading one (.item(), .tolist(), nonzero(), if tensor:)
+    # fails, so a step that runs there never makes the host wait for its device
+    import tiktoken
+    from dataloader import CustomDataLoader
+    model = tiny_lora_model().to("meta")
+    c, rt, opt, scaler, stats = step_setup(model, "meta", gradient_accumulation_steps=2)
+    loader = CustomDataLoader(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128)
+    grad_norm = train.train_step(model, opt, scaler, [loader.get_batch(0), loader.get_batch(1)],
+                                 loader.global_targets(0) + loader.global_targets(1), c, rt, stats)
+    assert grad_norm.device.type == "meta" and stats.device.type == "meta"
+    with pytest.raises(Exception):
+        stats.tolist()  # the check itself can fail
+
+
+@pytest.mark.parametrize("pad_multiple, most_graphs", [(32, 3), (1, 12)])
+def test_compiled_training_compiles_once_per_padded_length(pad_multiple, most_graphs):
+    import tiktoken
+    from torch._dynamo.utils import counters
+    from dataloader import CustomDataLoader
+    torch._dynamo.reset()
+    counters.clear()
+    loader = CustomDataLoader(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128,
+                              pad_multiple=pad_multiple)
+    lengths = {loader.get_batch(i)[0].size(1) for i in range(12)}
+    model = tiny_lora_model()
+    compiled = torch.compile(model, backend="eager", dynamic=False)  # dynamo's tracing, without code generation
+    c, rt, opt, scaler, stats = step_setup(model, "cpu", compile=True)
+    for i in range(12):
+        train.train_step(compiled, opt, scaler, [loader.get_batch(i)], loader.global_targets(i), c, rt, stats)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert len(lengths) <= most_graphs
+    if pad_multiple > 1:
+        assert graphs == len(lengths)  # one compilation per length, none per step
+    else:
+        assert graphs >= 8  # a length per batch: recompiles until dynamo gives up (its limit is 8)
+
+
+def test_frozen_weights_in_half_precision_train_lora_as_float32_does():
+    from common import autocast
+    import tiktoken
+    from dataloader import CustomDataLoader
+    loader = CustomDataLoader(varied_reviews(40), tiktoken.get_encoding("gpt2"), 4, block_size=128)
+    models = [tiny_lora_model(), tiny_lora_model()]
+    train.store_frozen_weights_in(models[1], "bfloat16")
+    attn = models[1].transformer.h[0].attn.c_attn
+    assert attn.weight.dtype == models[1].transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert attn.lora_A.dtype == models[1].transformer.wte.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
+    states = []
+    for model in models:
+        c, rt, opt, scaler, stats = step_setup(model, "cpu", ctx=autocast("cpu", "bfloat16"))
+        for i in range(2):
+            train.train_step(model, opt, scaler, [loader.get_batch(i)], loader.global_targets(i), c, rt, stats)
+        states.append(opt.state_dict()["state"])
+        assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+    # autocast rounds float32 weights to bfloat16 in every step: stored that way, training is the same
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # merging adds a float32 update to the bfloat16 weight, rounded once
+    expected = (attn.weight.float() + attn.delta_weight()).to(torch.bfloat16)
+    models[1].eval()
+    assert torch.equal(attn.weight, expected)
+
+
+def test_the_loss_plot_reads_at_a_glance(tiny_ckpt, reviews, tmp_path):
+    run(tiny_ckpt, reviews, tmp_path, "--max_iters=5", "--eval_interval=5")
+    steps = [json.loads(line) for line in open(tmp_path / "steps.jsonl")]
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iter"] for r in steps] == [0, 1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 5]
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    fig = train.loss_figure(steps, evals, train.run_title(Settings(config)))
+    ax = fig.axes[0]
+    training, validation = ax.get_lines()
+    assert list(training.get_xdata()) == [0, 1, 2, 3, 4] and training.get_linestyle() == "-"
+    assert list(validation.get_xdata()) == [0, 5] and validation.get_linestyle() == "None"  # markers, no line
+    assert ax.get_title() == "LoRA r=4, alpha=8, lr 0.03"
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels and not any("^" in t or "$" in t for t in labels)  # 5, not 5x10^0

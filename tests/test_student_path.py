@@ -1,0 +1,140 @@
+"""What a new user meets: --help, the handout's config path, subsets with both labels, resume that
+remembers the run, fast failures without a network, warnings, output folders git ignores."""
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import generate
+import train
+from conftest import ROOT, write_reviews
+from configurator import ConfigError, help_text
+
+SCRIPTS = ["train.py", "generate.py", "sweep.py", "export.py", "model.py", "bench/perf.py", "bench/merge_latency.py",
+           "bench/peft_parity.py", "bench/gpu.py"]
+
+
+def cli(*args, env=None, timeout=300):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_its_default(script):
+    text = help_text(str(ROOT / script))
+    assert text.splitlines()[2] == "usage:" and f"python {script}" in text
+    defaults = getattr(importlib.import_module(script[:-3].replace("/", ".")), "DEFAULTS", {})
+    for key in defaults:
+        assert re.search(rf"^    --{key}=", text, re.M), key
+    assert bool(defaults) == ("settings (--key=value" in text)
+
+
+def test_help_exits_0_and_scripts_reject_what_they_do_not_use():
+    code, out, err = cli("train.py", "--help")
+    assert code == 0 and err == ""
+    assert "    --lora_rank=128  (0: full fine-tuning)" in out and "    --dataset='cornell-movie-review-data/rotten_tomatoes'" in out
+    assert "rank=lora_rank" in out  # the handout's short names
+    code, out, _ = cli("model.py", "-h")
+    assert code == 0 and "python model.py" in out and "no settings" in out
+    code, out, err = cli("model.py", "--init_from=x")
+    assert code == 2 and err == "error: model.py takes no arguments, not '--init_from=x': it prints the table for every " \
+                                "GPT-2 size\n"
+
+
+def test_the_handouts_config_path_points_to_configs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"^config file 'config/finetune_params_config.py' not found; did you mean "
+                                          r"configs/finetune_params_config.py\?$"):
+        train.main(["config/finetune_params_config.py", "--device=cpu"])
+
+
+def positives_first(path, n_pos, n_neg):
+    """A data set whose test split lists every positive review first, as Rotten Tomatoes' does."""
+    write_reviews(path)
+    rows = [f"great film number {i} ,1" for i in range(n_pos)] + [f"dull film number {i} ,0" for i in range(n_neg)]
+    (path / "test.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_num_samples_draws_each_label_in_its_share(tiny_ckpt, tmp_path):
+    data = positives_first(tmp_path / "data", 15, 9)
+    kw = dict(init_from=tiny_ckpt, dataset=data, device="cpu", num_samples=8)
+    sampler = generate.ModelSampler(**kw)
+    assert sorted(r["label"] for r in sampler.records) == [0] * 3 + [1] * 5  # 15:9 of 8
+    assert sampler.indices == generate.ModelSampler(**kw).indices  # the same reviews for every model
+    assert sampler.indices != generate.ModelSampler(**kw, seed=1).indices
+    summary = generate.main([f"--init_from={tiny_ckpt}", f"--dataset={data}", "--device=cpu", "--num_samples=8",
+                             f"--out_dir={tmp_path / 'out'}"])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["reviews"] == sampler.indices and summary["n"] == 8
+    results_all = generate.main([f"--init_from={tiny_ckpt}", f"--dataset={data}", "--device=cpu",
+                                 f"--out_dir={tmp_path / 'all'}"])
+    assert results_all["reviews"] == "all" and results_all["n"] == 24
+
+
+def test_resume_continues_the_run_as_it_was_set_up(tiny_ckpt, reviews, tmp_path, capsys):
+    out = f"--out_dir={tmp_path}"
+    train.main([f"--init_from={tiny_ckpt}", f"--dataset={reviews}", out, "--device=cpu", "--batch_size=4",
+                "--eval_iters=1", "--rank=4", "--alpha=8", "--lr=2e-2", "--warmup_iters=0", "--decay_lr=False",
+                "--log_interval=1", "--max_iters=2"])
+    capsys.readouterr()
+    train.main(["--init_from=resume", out, "--max_iters=4", "--device=cpu"])  # no --dataset, no --lr
+    printed = capsys.readouterr().out
+    assert "iter 3: " in printed and "lr 2.00e-02" in printed and "note:" not in printed
+    assert "lr 5.00e-04" not in printed  # not the default
+    summary = generate.main([out, "--device=cpu", "--num_samples=4"])  # the data set is the run's
+    assert summary["dataset"] == reviews
+
+    # a change that makes the run differ from an uninterrupted one is said in one line
+    train.main(["--init_from=resume", out, "--max_iters=6", "--batch_size=2", "--device=cpu"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: resuming with batch_size 4 -> 2: the run will differ from one that was never interrupted"]
+    with pytest.raises(ConfigError, match="lora_rank=8 differs from the resumed run's 4: a resumed run keeps its model"):
+        train.main(["--init_from=resume", out, "--max_iters=8", "--rank=8", "--device=cpu"])
+
+
+def offline_env(tmp_path):
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))  # nothing listens
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(k, None)
+    return env
+
+
+def test_without_a_network_the_hub_fails_at_once_with_advice(tiny_ckpt, reviews, tmp_path):
+    env = offline_env(tmp_path)
+    code, _, err = cli("train.py", "--init_from=gpt2-medium", f"--dataset={reviews}", f"--out_dir={tmp_path / 'a'}",
+                       "--device=cpu", env=env)
+    assert code == 2 and err.count("\n") == 1  # no retries, no warnings: one line
+    assert "cannot load a GPT-2 checkpoint from 'gpt2-medium': the Hugging Face Hub (127.0.0.1) cannot be reached " \
+           "and 'gpt2-medium' is not in the local cache" in err and "give its local directory instead" in err
+    code, _, err = cli("generate.py", f"--init_from={tiny_ckpt}", "--dataset=cornell-movie-review-data/rotten_tomatoes",
+                       f"--out_dir={tmp_path / 'b'}", "--device=cpu", env=env)
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot load data set 'cornell-movie-review-data/rotten_tomatoes': the Hugging Face Hub (127.0.0.1) " \
+           "cannot be reached and it is not in the local cache" in err
+
+
+def test_wandb_settings_without_wandb_log_are_pointed_out(tiny_ckpt, reviews, tmp_path, capsys):
+    train.main([f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path}", "--device=cpu",
+                "--batch_size=4", "--eval_iters=1", "--max_iters=1", "--wandb_run_name=lora-r4"])
+    assert "warning: wandb_run_name='lora-r4' without wandb_log=True: nothing is logged to Weights & Biases; " \
+           "add --wandb_log=True" in capsys.readouterr().out
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_output_folders_of_the_readme_and_notebook_are_ignored_by_git():
+    text = (ROOT / "README.md").read_text() + (ROOT / "run_in_colab.ipynb").read_text()
+    folders = sorted(set(re.findall(r"--(?:out_dir|export_dir)=([\w./-]+)", text)))
+    assert len(folders) >= 6, folders
+    files = [f"{folder}/ckpt.pt" for folder in folders]  # git tells a folder's pattern only for what is in it
+    p = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(p.stdout.split()) == files
+
+
+def test_tiktoken_cache_dir_is_absolute_for_scripts_run_elsewhere():
+    path = os.environ.get("TIKTOKEN_CACHE_DIR")
+    assert path is None or os.path.isabs(path)
