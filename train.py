@@ -252,6 +252,23 @@ def train_step(model, optimizer, scaler, batches, n_step, c, rt, stats):
     The loss is normalised by the target tokens of the whole step (n_step, every rank's), so the
     gradient is the same for any split of the same examples over micro-batches and processes.
     """
+    try:
+        forward_backward(model, scaler, batches, n_step, c, rt, stats)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size={max(1, c.batch_size // 2)} "
+                          f"--gradient_accumulation_steps={2 * c.gradient_accumulation_steps} (the same step in "
+                          f"smaller pieces)") from None
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
+    scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped, by design
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def forward_backward(model, scaler, batches, n_step, c, rt, stats):
+    """Gradients of the step's loss, micro-batch by micro-batch; their losses and target counts added to stats."""
     for m, (x, y) in enumerate(batches):
         n = int((y != -1).sum())
         positions = None  # compiled, with a loss on every token: the whole LM head, one shape per length
@@ -266,13 +283,6 @@ def train_step(model, optimizer, scaler, batches, n_step, c, rt, stats):
         scaler.scale(loss * (n * rt.world / n_step)).backward()
         stats[0] += loss.detach().float() * n
         stats[1] += n
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group['params']]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
-    scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped, by design
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
 def save_checkpoint(path, raw_model, optimizer, scaler, c, run):
@@ -364,9 +374,12 @@ class RunLog:
             self.wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
 
 
+def method(c):
+    return f"LoRA r={c.lora_rank}, alpha={c.lora_alpha:g}" if c.lora_rank else "full fine-tuning"
+
+
 def run_title(c):
-    what = f"LoRA r={c.lora_rank}, alpha={c.lora_alpha:g}" if c.lora_rank else "full fine-tuning"
-    return f"{what}, lr {c.learning_rate:g}"
+    return f"{method(c)}, lr {c.learning_rate:g}"
 
 
 def loss_figure(steps, evals, title):
@@ -401,6 +414,33 @@ def plot_losses(steps, evals, path, title):
     plt.close(fig)
 
 
+def prepare_training(c, rt, raw_model, ckpt):
+    """The model on its device, as it trains (compiled, DDP), its optimizer and float16's gradient scaler."""
+    raw_model.to(rt.device)
+    if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
+        store_frozen_weights_in(raw_model, rt.dtype)
+    device_type = rt.device.split(':')[0]
+    optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == 'float16')
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if 'scaler' in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt['scaler'])
+    model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device] if rt.device.startswith('cuda') else None)
+    return model, optimizer, scaler
+
+
+def make_loaders(c, rt, data, block_size):
+    """Batches of the train split (this rank's share) and of the validation split."""
+    loader = dict(tokenizer=tiktoken.get_encoding('gpt2'), batch_size=c.batch_size, block_size=block_size,
+                  loss_on=c.loss_on, seed=c.seed, bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1))
+    return (as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader),
+            as_config_error(CustomDataLoader, data['validation'], **loader))
+
+
 def main(argv):
     c, ckpt = read_settings(argv)
     rt = setup_runtime(c)
@@ -408,109 +448,91 @@ def main(argv):
     data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
     raw_model, base_model = build_model(c, ckpt)
     trainable, total, pct = parameter_summary(raw_model)
-    if rt.master:
-        what = f"LoRA r={c.lora_rank}, alpha={c.lora_alpha:g}" if c.lora_rank > 0 else "full fine-tuning"
-        print(f"{what}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
     run = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
-    if ckpt is not None:
-        if rt.master:
+    if rt.master:
+        print(f"{method(c)}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
+        if ckpt is not None:
             print(f"resuming {os.path.join(c.out_dir, 'ckpt.pt')} at iteration {run.iter_num} "
                   f"(base model {base_model}, lora_rank={c.lora_rank})")
-    raw_model.to(rt.device)
-    if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
-        store_frozen_weights_in(raw_model, rt.dtype)
-    optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), rt.device.split(':')[0])
-    scaler = torch.amp.GradScaler(rt.device.split(':')[0], enabled=rt.dtype == 'float16')
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if 'scaler' in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt['scaler'])
-        del ckpt
-    model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.device] if rt.device.startswith('cuda') else None)
-
-    enc = tiktoken.get_encoding('gpt2')
-    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=raw_model.config.block_size, loss_on=c.loss_on,
-                  seed=c.seed, bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1))
-    train_loader = as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader)
-    val_loader = as_config_error(CustomDataLoader, data['validation'], **loader)
+    model, optimizer, scaler = prepare_training(c, rt, raw_model, ckpt)
+    del ckpt
+    train_loader, val_loader = make_loaders(c, rt, data, raw_model.config.block_size)
     info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
                 device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
-    log = RunLog(c, run, info) if rt.master else None
-    interrupted = train_loop(c, rt, model, raw_model, optimizer, scaler, (train_loader, val_loader), log, run)
+    s = SimpleNamespace(c=c, rt=rt, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, run=run,
+                        train_loader=train_loader, val_loader=val_loader, log=RunLog(c, run, info) if rt.master else None,
+                        ckpt_path=os.path.join(c.out_dir, 'ckpt.pt'), saved=False)
+    interrupted = train_loop(s)
     if rt.master:
-        log.close()
+        s.log.close()
     if rt.ddp:
         torch.distributed.destroy_process_group()
     return 130 if interrupted else 0
 
 
-def train_loop(c, rt, model, raw_model, optimizer, scaler, loaders, log, run):
-    """The iterations, nanoGPT's way; True if Ctrl-C stopped them."""
-    train_loader, val_loader = loaders
-    ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
+def train_loop(s):
+    """The iterations, nanoGPT's way; True if Ctrl-C stopped them. s: what main() set up."""
+    c, rt, run, train_loader = s.c, s.rt, s.run, s.train_loader
     stats = torch.zeros(2, device=rt.device)  # summed loss and target tokens since the last log step
-    start, saved, tokens, t_log = run.iter_num, False, 0, time.time()
+    start, tokens, t_log = run.iter_num, 0, time.time()
     for it in range(start, c.max_iters + 1):
-        run.iter_num = it
-        lr = get_lr(c, it)
-        for group in optimizer.param_groups:
+        # --- set the learning rate ---------------------------------------------------------
+        run.iter_num, lr = it, get_lr(c, it)
+        for group in s.optimizer.param_groups:
             group['lr'] = lr
         last = it == c.max_iters or c.eval_only
 
-        # --- evaluate, and save a checkpoint -----------------------------------------------
+        # --- evaluate, and save a checkpoint -------------------------------------------------
         eval_due = it % c.eval_interval == 0 or last
-        logged_before_stopping = c.init_from == 'resume' and it == start and not c.eval_only
-        if rt.master and eval_due and not logged_before_stopping:
-            t_eval = time.time()
-            losses = estimate_loss(raw_model, {'train': train_loader, 'val': val_loader}, c, rt)
-            if not all(map(math.isfinite, losses.values())):
-                raise FloatingPointError(f"the loss became non-finite before iteration {it}; the last good "
-                                         f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
-            log.evaluation(it, losses, lr)
-            improved = losses['val'] < run.best_val_loss
-            run.best_val_loss = min(run.best_val_loss, losses['val'])
-            trained = it > start and not c.eval_only
-            if trained and (c.always_save_checkpoint or improved or (last and not saved)):
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, c, run)
-                saved = True
-                print(f"saved checkpoint to {ckpt_path}")
-            t_log += time.time() - t_eval  # tokens/s counts training time only
+        logged_before_it_stopped = c.init_from == 'resume' and it == start and not c.eval_only
+        if rt.master and eval_due and not logged_before_it_stopped:
+            t_log += evaluate_and_save(s, it, lr, trained=it > start and not c.eval_only, last=last)
         if last:
             return False
-
-        # --- forward, backward, update -----------------------------------------------------
         if stop_requested(rt, it, c.log_interval):
-            check_finite(stats, it, c)
+            check_finite(stats, it, c)  # never save weights that went bad
             if rt.master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, c, run)
-                print(f"interrupted: saved checkpoint at iteration {it} to {ckpt_path}; "
+                save_checkpoint(s.ckpt_path, s.raw_model, s.optimizer, s.scaler, c, run)
+                print(f"interrupted: saved checkpoint at iteration {it} to {s.ckpt_path}; "
                       f"continue with --init_from=resume --out_dir={c.out_dir}")
             return True
+
+        # --- forward, backward, update -------------------------------------------------------
         steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
         batches = [train_loader.get_batch(i) for i in steps]
         tokens += sum(int((x != train_loader.tokenizer.eot_token).sum()) for x, _ in batches)
         torch.manual_seed(c.seed + 1000 * rt.rank + it)  # dropout masks depend on the iteration alone
-        try:
-            grad_norm = train_step(model, optimizer, scaler, batches, sum(map(train_loader.global_targets, steps)),
-                                   c, rt, stats)
-        except torch.cuda.OutOfMemoryError:
-            raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size="
-                              f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
-                              f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
+        grad_norm = train_step(s.model, s.optimizer, s.scaler, batches, sum(map(train_loader.global_targets, steps)),
+                               c, rt, stats)
 
-        # --- log: the only place the host waits for the device between evaluations -------------
+        # --- timing and logging: the only place the host waits for the device between evaluations
         if it % c.log_interval == 0:
-            loss = check_finite(stats, it, c, None if scaler.is_enabled() else grad_norm)
-            dt, n_steps = time.time() - t_log, min(c.log_interval, it - start + 1)
+            loss = check_finite(stats, it, c, None if s.scaler.is_enabled() else grad_norm)
+            dt = time.time() - t_log
             if rt.master:
-                log.step(it, loss, grad_norm.item(), lr, 1000 * dt / n_steps, tokens * rt.world / dt)
+                s.log.step(it, loss, grad_norm.item(), lr, 1000 * dt / min(c.log_interval, it - start + 1),
+                           tokens * rt.world / dt)
             stats.zero_()
             tokens, t_log = 0, time.time()
+
+
+def evaluate_and_save(s, it, lr, trained, last):
+    """Estimate the losses, log them, save a checkpoint if it is due; the seconds it took."""
+    c, run, t0 = s.c, s.run, time.time()
+    losses = estimate_loss(s.raw_model, {'train': s.train_loader, 'val': s.val_loader}, c, s.rt)
+    if not all(map(math.isfinite, losses.values())):
+        raise FloatingPointError(f"the loss became non-finite before iteration {it}; the last good "
+                                 f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
+    s.log.evaluation(it, losses, lr)
+    improved = losses['val'] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses['val'])
+    if trained and (c.always_save_checkpoint or improved or (last and not s.saved)):
+        save_checkpoint(s.ckpt_path, s.raw_model, s.optimizer, s.scaler, c, run)
+        s.saved = True
+        print(f"saved checkpoint to {s.ckpt_path}")
+    return time.time() - t0
 
 
 def stop_requested(rt, it, log_interval):
