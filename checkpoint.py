@@ -21,7 +21,9 @@ from model import GPT, OVERRIDABLE, GPTConfig
 # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 PEFT_PREFIX = "base_model.model."
-PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"  # "c_proj" alone would also match the MLP's projection
+# PEFT's target_modules for each lora_targets ("c_proj" alone would match the MLP's projection too);
+# PEFT cannot adapt only some slices of the fused c_attn, so "qv" has no counterpart
+PEFT_TARGET_MODULES = {"attn": r".*\.attn\.(c_attn|c_proj)", "attn_mlp": r".*\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj))"}
 
 
 def _file_getter(model_type, fail):
@@ -156,7 +158,7 @@ def _adapter_model(path, ckpt, state):
     model = from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE})
     if args["block_size"] < model.config.block_size:
         model.crop_block_size(args["block_size"])
-    if asdict(model.config) != args:
+    if model.config != GPTConfig(**args):
         raise ValueError(f"the adapter in {path} was trained on a model shaped {args}, but "
                          f"{ckpt['base_model']} is shaped {asdict(model.config)}")
     if ckpt.get("base_fingerprint") not in (None, base_fingerprint(model)):
@@ -183,6 +185,14 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
     return model, ckpt
+
+
+def peft_target_modules(lora_targets):
+    """PEFT's target_modules for these lora_targets, or a ValueError saying PEFT cannot express them."""
+    if lora_targets not in PEFT_TARGET_MODULES:
+        raise ValueError(f"PEFT cannot adapt only the query and value slices of GPT-2's fused c_attn "
+                         f"(lora_targets={lora_targets}); export the merged model with --format=hf instead")
+    return PEFT_TARGET_MODULES[lora_targets]
 
 
 def copy_lora_into_peft(model, peft_model):

@@ -71,7 +71,7 @@ def check(rules):
 
 
 def _suggest(key, known):
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, sorted(set(known)), n=3, cutoff=0.5)
     return f"; did you mean {' or '.join(close)}?" if close else "; see --help for the settings"
 
 

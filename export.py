@@ -3,20 +3,22 @@ Export a train.py run for use elsewhere, or import a PEFT adapter to evaluate he
 
     python export.py --out_dir=gpt-lora-default --format=hf     # merged model -> out_dir/hf
     python export.py --out_dir=gpt-lora-default --format=peft   # LoRA weights -> out_dir/peft
-    python export.py --format=import_peft --adapter=path/to/adapter --out_dir=imported
-    python generate.py --init_from=resume --out_dir=imported
+    python export.py --format=import_peft --adapter=path/to/adapter --out_dir=out-imported
+    python generate.py --init_from=resume --out_dir=out-imported
 
 hf: a transformers GPT-2 checkpoint (config.json, model.safetensors, and the tokenizer files when the
 base model's folder, the hub cache or --tokenizer_dir has them) with the LoRA update merged into the
 weights: GPT2LMHeadModel.from_pretrained(path) loads it.
 peft: a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) for the base model:
-PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path) loads it.
-import_peft: the reverse, for an adapter on GPT-2's attention c_attn / c_proj: writes an
-adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=resume) load.
+PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path) loads it. It exists for
+lora_targets attn and attn_mlp, either scaling; PEFT cannot adapt slices of the fused c_attn (qv).
+import_peft: the reverse, for an adapter on GPT-2's attention c_attn / c_proj and MLP c_fc / c_proj:
+writes an adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=resume) load.
 """
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict
@@ -24,7 +26,7 @@ from dataclasses import asdict
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, PEFT_TARGETS, load_checkpoint
+from checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, load_checkpoint, peft_target_modules
 from common import as_config_error, hub_offline, save_atomic
 from configurator import ConfigError, configure, run_cli, settings_of
 from lora import LoRALinear, is_lora_param, lora_state_dict
@@ -98,12 +100,13 @@ def export_hf(model, base_model, dest, tokenizer_dir=''):
 def export_peft(model, base_model, dest):
     cfg = model.config
     if cfg.lora_rank == 0:
-        raise ConfigError("this run has no LoRA (lora_rank=0): export it with --format=hf")
+        raise ValueError("this run has no LoRA (lora_rank=0): export it with --format=hf")
+    target_modules = peft_target_modules(cfg.lora_targets)
     os.makedirs(dest, exist_ok=True)
     write_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                 "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                "target_modules": PEFT_TARGETS, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
-                "init_lora_weights": True, "use_rslora": False, "modules_to_save": None},
+                "target_modules": target_modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
+                "init_lora_weights": True, "use_rslora": cfg.lora_scaling == "rslora", "modules_to_save": None},
                os.path.join(dest, "adapter_config.json"))
     # PEFT keeps A as Linear(in, r) and B as Linear(r, out) even around Conv1D: the same shapes as here
     state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone() for k, v in lora_state_dict(model).items()}
@@ -111,21 +114,23 @@ def export_peft(model, base_model, dest):
 
 
 def import_peft(adapter_dir, base_model, dest):
-    """An adapter-only ckpt.pt in dest from a PEFT LoRA adapter of GPT-2's attention."""
+    """An adapter-only ckpt.pt in dest from a PEFT LoRA adapter of GPT-2's attention (and MLP) projections."""
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         acfg = json.load(f)
-    if acfg.get("peft_type") != "LORA" or acfg.get("use_rslora") or acfg.get("use_dora"):
-        raise ConfigError(f"{adapter_dir} is not a plain LoRA adapter (peft_type {acfg.get('peft_type')})")
+    if acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
+        raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type {acfg.get('peft_type')})")
     base_model = base_model or acfg.get("base_model_name_or_path")
-    r, alpha = acfg["r"], float(acfg["lora_alpha"])
     state = {}
     for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
         name = k.removeprefix(PEFT_PREFIX).removesuffix(".weight").removesuffix(".default")
-        if not name.endswith(("attn.c_attn.lora_A", "attn.c_attn.lora_B", "attn.c_proj.lora_A", "attn.c_proj.lora_B")):
-            raise ConfigError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj can be imported")
+        if not re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_[AB]", name):
+            raise ValueError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj and MLP c_fc and "
+                             f"c_proj can be imported")
         state[name] = v.float()
-    model = GPT.from_pretrained(base_model, dict(lora_rank=r, lora_alpha=alpha,
-                                                 lora_dropout=float(acfg.get("lora_dropout", 0.0))))
+    lora = dict(lora_rank=acfg["r"], lora_alpha=float(acfg["lora_alpha"]), lora_dropout=float(acfg.get("lora_dropout", 0.0)),
+                lora_targets="attn_mlp" if any(".mlp." in k for k in state) else "attn",
+                lora_scaling="rslora" if acfg.get("use_rslora") else "standard")
+    model = GPT.from_pretrained(base_model, lora)
     for k, v in lora_state_dict(model).items():  # layers the adapter leaves out keep B = 0: no change
         state.setdefault(k, v)
     model.load_state_dict(state, strict=False)
@@ -155,7 +160,7 @@ def main(argv):
         print(f"wrote a transformers GPT-2 checkpoint to {dest}"
               + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found: pass --tokenizer_dir)"))
     else:
-        export_peft(model, base_model, dest)
+        as_config_error(export_peft, model, base_model, dest)
         print(f"wrote a PEFT adapter for {base_model} to {dest}")
 
 

@@ -38,19 +38,27 @@ import torch.nn.functional as F
 class LoRALinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
-                 lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+                 lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, lora_slices=None, rslora=False):
+        """
+        lora_slices: which of the output's equal slices get an update of their own, e.g. (True, False,
+        True) for the query and value of GPT-2's fused query/key/value projection; None: the whole
+        output, one update. rslora: scale by alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
+        """
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.lora_rank = lora_rank
         self.has_weights_merged = False
         self.merge_on_eval = True  # eval() merges; see evaluating()
         if lora_rank > 0:
             self.lora_alpha = lora_alpha
-            self.lora_scaling = lora_alpha / lora_rank
+            self.lora_scaling = lora_alpha / (math.sqrt(lora_rank) if rslora else lora_rank)
             self.lora_dropout = nn.Dropout(lora_dropout)
-            # frozen until mark_only_lora_as_trainable() turns them on, as in the homework
-            self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, device=device, dtype=dtype),
+            self.lora_slices = tuple(lora_slices or (True,))
+            n, self.slice_size = sum(self.lora_slices), out_features // len(self.lora_slices)
+            # one (r, in) A and one (slice, r) B per adapted slice, stacked; frozen until
+            # mark_only_lora_as_trainable() turns them on, as in the homework
+            self.lora_A = nn.Parameter(torch.empty(n * lora_rank, in_features, device=device, dtype=dtype),
                                        requires_grad=False)
-            self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, device=device, dtype=dtype),
+            self.lora_B = nn.Parameter(torch.empty(n * self.slice_size, lora_rank, device=device, dtype=dtype),
                                        requires_grad=False)
             self._reset_lora_parameters()
 
@@ -69,9 +77,20 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
         self.has_weights_merged = False
 
+    def _assemble(self, parts, dim):
+        """The adapted slices' parts (B_i A_i x, or B_i A_i) in their places along dim, zeros in the others."""
+        if len(self.lora_slices) == 1:
+            return parts[0]
+        shape = list(parts[0].shape)
+        shape[dim] = self.slice_size
+        zeros, parts = parts[0].new_zeros(shape), iter(parts)
+        return torch.cat([next(parts) if on else zeros for on in self.lora_slices], dim)
+
     def delta_weight(self):
-        """scaling * B @ A in float32, the update that merging adds to W (no autograd history)."""
-        return self.lora_scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """scaling * B @ A in float32 (per adapted slice), the update merging adds to W (no autograd history)."""
+        A, B = self.lora_A.detach().float(), self.lora_B.detach().float()
+        parts = [b @ a for a, b in zip(A.split(self.lora_rank), B.split(self.slice_size))]
+        return self.lora_scaling * self._assemble(parts, 0)
 
     @torch.no_grad()
     def _add_delta(self, sign):
@@ -107,7 +126,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.is_lora() and not self.has_weights_merged:
-            y = y + self.lora_scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+            h = F.linear(self.lora_dropout(x), self.lora_A)
+            parts = [F.linear(h_i, b) for h_i, b in zip(h.split(self.lora_rank, -1), self.lora_B.split(self.slice_size))]
+            y = y + self.lora_scaling * self._assemble(parts, -1)
         return y
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -126,6 +147,8 @@ class LoRALinear(nn.Linear):
         s = super().extra_repr()
         if self.is_lora():
             s += f", lora_rank={self.lora_rank}, lora_scaling={self.lora_scaling:g}, lora_dropout={self.lora_dropout.p:g}"
+            if len(self.lora_slices) > 1:
+                s += f", lora_slices={self.lora_slices}"
         return s
 
 

@@ -2,10 +2,13 @@
 GPT-2 in one file, after nanoGPT (karpathy/nanoGPT model.py), with LoRA in the attention.
 
     python model.py     # trainable parameters of LoRA r=16/128/196 on every GPT-2 size (question 2.3)
+    python model.py --lora_targets=qv
 
-The attention's fused query/key/value projection `c_attn` and its output projection `c_proj` are
-LoRALinear layers (lora.py): one rank-r update for q, k and v together, as the homework asks.
-The MLP stays nn.Linear. With lora_rank=0 this is plain GPT-2.
+The linear layers are LoRALinear layers (lora.py). As the homework asks, by default (lora_targets
+"attn") the attention's fused query/key/value projection `c_attn` and its output projection `c_proj`
+are adapted, one rank-r update for q, k and v together; "qv" adapts only the query and value slices
+of c_attn (the LoRA paper's choice), "attn_mlp" the MLP's c_fc and c_proj too. With lora_rank=0
+this is plain GPT-2.
 
     model = GPT.from_pretrained("gpt2-medium", dict(lora_rank=16, lora_alpha=64))
     logits, loss = model(idx, targets)      # targets of -1 are ignored
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import run_cli
+from configurator import check, configure, run_cli, settings_of
 from lora import LoRALinear, mark_only_lora_as_trainable, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
@@ -35,7 +38,11 @@ PRETRAINED_SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout")
+OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_scaling")
+# where LoRA goes: the handout's attention projections; the LoRA paper's query and value only (slices
+# of the fused c_attn); or the attention and the MLP
+LORA_TARGETS = ("attn", "qv", "attn_mlp")
+LORA_SCALINGS = ("standard", "rslora")
 
 
 @dataclass
@@ -50,6 +57,18 @@ class GPTConfig:
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 0.0  # scaling of the update is lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    lora_targets: str = "attn"  # one of LORA_TARGETS
+    lora_scaling: str = "standard"  # alpha / r, or "rslora": alpha / sqrt(r)
+
+    def __post_init__(self):
+        assert self.lora_targets in LORA_TARGETS, f"lora_targets must be one of {LORA_TARGETS}"
+        assert self.lora_scaling in LORA_SCALINGS, f"lora_scaling must be one of {LORA_SCALINGS}"
+
+    def lora(self, *targets):
+        """LoRALinear's LoRA arguments for a layer that is adapted under any of these lora_targets."""
+        on = self.lora_rank > 0 and self.lora_targets in targets
+        return dict(lora_rank=self.lora_rank if on else 0, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                    rslora=self.lora_scaling == "rslora")
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,9 +76,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **lora)
-        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **lora)
+        qv = (True, False, True) if config.lora_targets == "qv" else None  # no update for the key
+        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, lora_slices=qv,
+                                 **config.lora(*LORA_TARGETS))
+        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn", "attn_mlp"))
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -93,8 +113,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
+        self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = gelu  # GPT.train() picks the GELU for the mode and device
 
@@ -233,14 +253,20 @@ class GPT(nn.Module):
         import checkpoint  # checkpoint.py reads the files and builds on this module, so not at the top
         return checkpoint.from_pretrained(model_type, override_args, cls)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW over the trainable parameters only; matrices decay, biases and LayerNorms don't."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lora_plus_ratio=1.0):
+        """
+        AdamW over the trainable parameters only; matrices decay, biases and LayerNorms don't. Every
+        group has an lr_scale: the LoRA B matrices' is lora_plus_ratio (LoRA+), the others' 1.
+        """
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in params if p.dim() >= 2 and not n.endswith("lora_B")],
+                       weight_decay=weight_decay, lr_scale=1.0),
+                  dict(params=[p for n, p in params if n.endswith("lora_B")], weight_decay=weight_decay,
+                       lr_scale=lora_plus_ratio),
+                  dict(params=[p for n, p in params if p.dim() < 2], weight_decay=0.0, lr_scale=1.0)]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas,
+                                 **(dict(fused=True) if fused else {}))
 
     @staticmethod
     def _attention_mask(key_mask, T):
@@ -339,24 +365,33 @@ def target_positions(targets, trim=True):
     return first, keep[:, first:].reshape(-1).nonzero().squeeze(1)
 
 
-def lora_parameter_counts(model_type, lora_rank):
+def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
     """parameter_summary of a GPT-2 shape with LoRA of this rank, built on the meta device (no weights)."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank)))
+        model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank),
+                              lora_targets=lora_targets))
     if lora_rank > 0:
         mark_only_lora_as_trainable(model)
     return parameter_summary(model)
 
 
 def print_parameter_table(argv):
-    if argv:
-        raise ValueError(f"model.py takes no arguments, not {argv[0]!r}: it prints the table for every GPT-2 size")
+    c = configure(settings_of(globals()), argv)
+    check([(c.lora_targets not in LORA_TARGETS, f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not "
+                                                f"{c.lora_targets!r}")])
+    print(f"LoRA on {c.lora_targets}")
     print(f"{'model':<12} {'rank':>4} {'trainable':>12} {'total':>15} {'trainable %':>12}")
     for name in PRETRAINED_SHAPES:
-        for r in (16, 128, 196):
-            trainable, total, pct = lora_parameter_counts(name, r)
+        for r in (int(r) for r in c.ranks.split(',')):
+            trainable, total, pct = lora_parameter_counts(name, r, c.lora_targets)
             print(f"{name:<12} {r:>4} {trainable:>12,} {total:>15,} {pct:>11.2f}%")
 
 
+# -----------------------------------------------------------------------------
+# what `python model.py` prints
+lora_targets = "attn"  # attn, qv or attn_mlp (see GPTConfig)
+ranks = "16,128,196"
+# -----------------------------------------------------------------------------
+
 if __name__ == "__main__":
-    sys.exit(run_cli(print_parameter_table, sys.argv[1:], __file__, errors=(ValueError,)))
+    sys.exit(run_cli(print_parameter_table, sys.argv[1:], __file__))

@@ -16,6 +16,7 @@ that finished with exactly these settings and resumes the ones that did not; a f
 run with other settings is an error, or with --overwrite=True is deleted and run again.
 """
 
+import itertools
 import json
 import os
 import shlex
@@ -26,6 +27,7 @@ import sys
 import time
 
 from configurator import ConfigError, check, configure, run_cli, settings_of
+from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2-medium'  # the base model of every run
@@ -36,6 +38,10 @@ few_shot = True  # ... and with num_shots solved examples
 num_shots = 4
 ranks = '16,128,196'  # LoRA ranks, comma-separated; '' for none
 alpha_per_rank = 4.0  # lora_alpha = alpha_per_rank * rank
+fixed_alpha = 0.0  # one lora_alpha for every rank instead (as rsLoRA intends); 0: alpha_per_rank * rank
+targets = 'attn'  # LoRA targets to compare, comma-separated: attn, qv, attn_mlp (train.py's lora_targets)
+scalings = 'standard'  # LoRA scaling rules to compare: standard (alpha / r), rslora (alpha / sqrt(r))
+lora_plus_ratios = '1'  # LoRA+ ratios to compare (B's learning rate over A's); 1: plain LoRA
 lora_lr = 5e-4
 full_finetune = True  # also fine-tune every parameter (lora_rank=0)
 full_lr = 1e-4  # every weight moves, and moves far at LoRA's rate: 5x lower
@@ -63,6 +69,30 @@ def int_list(text, name):
         raise ConfigError(f"{name} must be comma-separated integers like '16,128,196', not {text!r}") from None
 
 
+def float_list(text):
+    try:
+        return [float(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise ConfigError(f"lora_plus_ratios must be comma-separated numbers like '1,16', not {text!r}") from None
+
+
+def lora_variants(c):
+    """(name, method, rank, alpha, extra train.py flags) of every LoRA run of the grid, one seed."""
+    out = []
+    for r, target, scaling, ratio in itertools.product(int_list(c.ranks, 'ranks'), c.targets.split(','),
+                                                       c.scalings.split(','), float_list(c.lora_plus_ratios)):
+        alpha = c.fixed_alpha or c.alpha_per_rank * r
+        name, what, flags = f'lora-r{r}' + (f'-a{alpha:g}' if c.fixed_alpha else ''), [], [f'--lora_alpha={alpha:g}']
+        if target != 'attn':
+            name, what, flags = f'{name}-{target}', what + [target], flags + [f'--lora_targets={target}']
+        if scaling != 'standard':
+            name, what, flags = f'{name}-{scaling}', what + ['rsLoRA'], flags + [f'--lora_scaling={scaling}']
+        if ratio != 1:
+            name, what, flags = f'{name}-plus{ratio:g}', what + [f'LoRA+ {ratio:g}'], flags + [f'--lora_plus_ratio={ratio:g}']
+        out.append((name, 'LoRA' + (f" ({', '.join(what)})" if what else ''), r, alpha, flags))
+    return out
+
+
 def plan(c):
     """The runs: name, group (the name without its seed), method, rank, alpha, lr, seed, and their flags."""
     data = [f'--dataset={c.dataset}', f'--device={c.device}']
@@ -75,16 +105,15 @@ def plan(c):
     for name, method, extra in prompting:
         runs.append(dict(name=name, group=name, method=method, rank=None, alpha=None, lr=None, seed=None, train=None,
                          eval=[f'--init_from={c.init_from}', *data, *evaluate, *extra]))
-    training = [(f'lora-r{r}', 'LoRA', r, c.alpha_per_rank * r, c.lora_lr) for r in int_list(c.ranks, 'ranks')]
+    training = [(*variant, c.lora_lr) for variant in lora_variants(c)]
     if c.full_finetune:
-        training.append(('full', 'full fine-tuning', 0, None, c.full_lr))
-    for group, method, r, alpha, lr in training:
+        training.append(('full', 'full fine-tuning', 0, None, [], c.full_lr))
+    for group, method, r, alpha, extra, lr in training:
         for seed in int_list(c.seeds, 'seeds'):
             flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
                      f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
-                     f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}',
-                     *([f'--lora_alpha={alpha:g}'] if r else []), *([f'--seed={seed}'] if seed != DEFAULT_SEED else []),
-                     *shlex.split(c.train_args)]
+                     f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}', *extra,
+                     *([f'--seed={seed}'] if seed != DEFAULT_SEED else []), *shlex.split(c.train_args)]
             name = group if seed == DEFAULT_SEED else f'{group}-seed{seed}'
             runs.append(dict(name=name, group=group, method=method, rank=r, alpha=alpha, lr=lr, seed=seed,
                              train=flags, eval=['--init_from=resume', *data, *evaluate]))
@@ -306,7 +335,11 @@ def plot_val_loss(rows, path):
 def main(argv):
     c = configure(DEFAULTS, argv)
     check([(c.mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {c.mode!r}"),
-           (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'")])
+           (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'"),
+           *[(t not in LORA_TARGETS, f"targets must be among {', '.join(LORA_TARGETS)}, not {t!r}")
+             for t in c.targets.split(',')],
+           *[(s not in LORA_SCALINGS, f"scalings must be among standard and rslora, not {s!r}")
+             for s in c.scalings.split(',')]])
     runs = plan(c)
     clear_stale_runs(runs, c)
     os.makedirs(c.out_dir, exist_ok=True)

@@ -31,7 +31,7 @@ from common import as_config_error, autocast, get_lr, pick_device, pick_dtype, s
 from configurator import ConfigError, Settings, check, configure, run_cli, settings_of
 from dataloader import CustomDataLoader, load_splits
 from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
-from model import GPT, GPTConfig, target_positions
+from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -60,6 +60,9 @@ block_size = 0  # longest text in tokens (reviews beyond it are shortened); 0: t
 lora_rank = 128  # 0: full fine-tuning
 lora_alpha = 512.0
 lora_dropout = 0.05
+lora_targets = 'attn'  # attn: c_attn and the attention's c_proj (the handout's); qv: the query and value only (the LoRA paper's); attn_mlp: attn and the MLP
+lora_scaling = 'standard'  # standard: the update is scaled by alpha / r; rslora: alpha / sqrt(r) (rank-stabilised LoRA)
+lora_plus_ratio = 1.0  # LoRA+: every B learns at this multiple of the learning rate, A at the rate itself; 1: plain LoRA
 dropout = 0.0
 n_layer = 12  # these three only for init_from='scratch'
 n_head = 12
@@ -86,7 +89,8 @@ DEFAULTS = settings_of(globals())
 HARMLESS = {'out_dir', 'init_from', 'overwrite', 'max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only',
             'always_save_checkpoint', 'checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
             'compile', 'pad_multiple'}
-MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'dropout', 'n_layer', 'n_head', 'n_embd', 'block_size')
+MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'lora_scaling', 'dropout', 'n_layer', 'n_head',
+                  'n_embd', 'block_size')
 MACHINE_SETTINGS = ('device', 'dtype', 'compile')  # a resumed run takes these from its new command line
 
 # Ctrl-C (or Colab's stop button) ends a run at the next step boundary, with a checkpoint
@@ -104,6 +108,9 @@ def check_settings(c):
         (c.lora_rank < 0, f"lora_rank must be >= 0 (0 means full fine-tuning), not {c.lora_rank}"),
         (c.lora_rank > 0 and c.lora_alpha <= 0, f"lora_alpha must be > 0 when lora_rank > 0, not {c.lora_alpha}"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), not {c.lora_dropout}"),
+        (c.lora_targets not in LORA_TARGETS, f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not {c.lora_targets!r}"),
+        (c.lora_scaling not in LORA_SCALINGS, f"lora_scaling must be standard or rslora, not {c.lora_scaling!r}"),
+        (c.lora_plus_ratio <= 0, f"lora_plus_ratio must be > 0 (1 is plain LoRA), not {c.lora_plus_ratio}"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.bucket < 0, f"bucket must be >= 0 (0 turns length bucketing off), not {c.bucket}"),
@@ -192,11 +199,11 @@ def prepare_out_dir(c, master):
 def build_model(c, ckpt):
     """The model to train (pretrained, resumed or new), its base model's name, and which parameters train."""
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
-    lora = dict(dropout=c.dropout, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout)
+    lora = {k: c[k] for k in OVERRIDABLE}  # dropout and the LoRA settings
     if ckpt is not None:
         model, _ = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
         base_model = ckpt['base_model']
-        for k in ('lora_rank', 'lora_alpha', 'lora_dropout', 'dropout'):
+        for k in OVERRIDABLE:
             c[k] = getattr(model.config, k)  # an imported adapter's checkpoint has no settings of its own
     elif c.init_from == 'scratch':
         model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024, **lora))
@@ -420,10 +427,14 @@ def prepare_training(c, rt, raw_model, ckpt):
     if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
         store_frozen_weights_in(raw_model, rt.dtype)
     device_type = rt.device.split(':')[0]
-    optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
+                                               c.lora_plus_ratio)
     scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == 'float16')
     if ckpt is not None:
+        scales = [g['lr_scale'] for g in optimizer.param_groups]  # this command line's LoRA+ ratio
         optimizer.load_state_dict(ckpt['optimizer'])
+        for group, scale in zip(optimizer.param_groups, scales):
+            group['lr_scale'] = scale
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
     model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
@@ -481,7 +492,7 @@ def train_loop(s):
         # --- set the learning rate ---------------------------------------------------------
         run.iter_num, lr = it, get_lr(c, it)
         for group in s.optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group['lr_scale']  # LoRA+: B's groups learn faster
         last = it == c.max_iters or c.eval_only
 
         # --- evaluate, and save a checkpoint -------------------------------------------------

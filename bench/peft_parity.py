@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import PEFT_TARGETS, copy_lora_into_peft  # noqa: E402
+from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import get_lr  # noqa: E402
 from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, parse_label, stratified_subset  # noqa: E402
@@ -77,7 +77,7 @@ def peft_model(c):
     from transformers import GPT2LMHeadModel
     base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
     model = get_peft_model(base, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0,
-                                            fan_in_fan_out=True, target_modules=PEFT_TARGETS, bias="none"))
+                                            fan_in_fan_out=True, target_modules=peft_target_modules('attn'), bias="none"))
     torch.manual_seed(c.seed)  # train.py seeds, then builds the model: the same A matrices
     copy_lora_into_peft(GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)), model)
     return model.to(c.device)

@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
-from checkpoint import PEFT_TARGETS, copy_lora_into_peft  # noqa: E402
+from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import autocast, pick_device  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, stratified_subset  # noqa: E402
@@ -72,7 +72,7 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
     hf.save_pretrained(path)
     ours = mark_only_lora_as_trainable(GPT.from_pretrained(path, dict(lora_rank=rank, lora_alpha=2.0 * rank)))
     peft = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, fan_in_fan_out=True,
-                                         target_modules=PEFT_TARGETS))
+                                         target_modules=peft_target_modules('attn')))
     copy_lora_into_peft(ours, peft)
     return ours.to(dev).train(), peft.to(dev).train()
 

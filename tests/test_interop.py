@@ -96,3 +96,52 @@ def test_import_adapter_trained_by_peft(tiny_ckpt, tmp_path):
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert (model.eval()(idx, idx)[0] - peft_model.eval()(input_ids=idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("targets", ["qv", "attn_mlp"])
+def test_adapter_checkpoints_of_other_targets_round_trip(tiny_ckpt, reviews, tmp_path, targets):
+    tiny_run(tiny_ckpt, reviews, tmp_path / "full", f"--lora_targets={targets}", "--lora_scaling=rslora",
+             "--checkpoint=full")
+    tiny_run(tiny_ckpt, reviews, tmp_path / "adapter", f"--lora_targets={targets}", "--lora_scaling=rslora",
+             "--max_iters=2")
+    tiny_run(tiny_ckpt, reviews, tmp_path / "adapter", "--init_from=resume")
+    a, ckpt = load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))
+    b, _ = load_checkpoint(str(tmp_path / "adapter" / "ckpt.pt"))
+    assert (b.config.lora_targets, b.config.lora_scaling) == (targets, "rslora")
+    adapted = {k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("lora_A")}
+    expected = {"attn.c_attn", "mlp.c_fc", "mlp.c_proj", "attn.c_proj"} if targets == "attn_mlp" else {"attn.c_attn"}
+    assert {k.split(".", 3)[3] for k in adapted} == expected
+    for k, v in a.state_dict().items():  # the same training, stored two ways, resumed halfway in one
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_export_peft_of_attention_and_mlp_with_rslora_loads_in_peft(tiny_ckpt, reviews, tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+    tiny_run(tiny_ckpt, reviews, tmp_path / "run", "--lora_targets=attn_mlp", "--lora_scaling=rslora")
+    export.main([f"--out_dir={tmp_path / 'run'}", "--format=peft", f"--export_dir={tmp_path / 'peft'}"])
+    ours, _ = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_ckpt), str(tmp_path / "peft")).eval()
+    assert len([n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]) == 2 * 4
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        expected = ours.eval()(idx, idx)[0]
+        assert (peft_model(input_ids=idx).logits - expected).abs().max().item() < 1e-4
+    export.main(["--format=import_peft", f"--adapter={tmp_path / 'peft'}", f"--out_dir={tmp_path / 'back'}"])
+    back, _ = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
+    assert (back.config.lora_targets, back.config.lora_scaling) == ("attn_mlp", "rslora")
+    with torch.no_grad():
+        assert (back.eval()(idx, idx)[0] - expected).abs().max().item() < 1e-5
+
+
+def test_export_peft_of_query_and_value_slices_is_one_clear_error(tiny_ckpt, reviews, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    tiny_run(tiny_ckpt, reviews, tmp_path / "run", "--lora_targets=qv", "--max_iters=1")
+    p = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'run'}", "--format=peft"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr == (
+        "error: PEFT cannot adapt only the query and value slices of GPT-2's fused c_attn (lora_targets=qv); export "
+        "the merged model with --format=hf instead\n")
+    assert not (tmp_path / "run" / "peft").exists()

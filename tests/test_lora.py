@@ -174,3 +174,33 @@ def test_mark_only_lora_as_trainable():
     expected = {f"transformer.h.{i}.attn.{proj}.lora_{m}" for i in range(2)
                 for proj in ("c_attn", "c_proj") for m in "AB"}
     assert trainable == expected
+
+
+def test_slices_adapt_only_their_part_of_the_output():
+    # GPT-2's fused c_attn with the LoRA paper's choice: query and value adapted, key untouched
+    torch.manual_seed(0)
+    layer = LoRALinear(in_features=8, out_features=3 * 6, lora_rank=2, lora_alpha=4.0, lora_slices=(True, False, True))
+    assert layer.lora_A.shape == (2 * 2, 8) and layer.lora_B.shape == (2 * 6, 2)  # (A_q; A_v), (B_q; B_v)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 8)
+    A_q, A_v = layer.lora_A.split(2)
+    B_q, B_v = layer.lora_B.split(6)
+    base = F.linear(x, layer.weight, layer.bias)
+    expected = base + 2.0 * torch.cat([x @ A_q.T @ B_q.T, torch.zeros(5, 6), x @ A_v.T @ B_v.T], dim=1)
+    torch.testing.assert_close(layer(x), expected)
+    W = layer.weight.detach().clone()
+    layer.eval()
+    assert torch.equal(layer.weight[6:12], W[6:12])  # the key rows are not touched by merging
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-6)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    layer = LoRALinear(in_features=8, out_features=4, lora_rank=16, lora_alpha=8.0, rslora=True)
+    assert layer.lora_scaling == 2.0  # 8 / sqrt(16), where standard scaling gives 8 / 16
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), reference(layer, x) + (2.0 - 0.5) * (x @ layer.lora_A.T @ layer.lora_B.T))

@@ -77,6 +77,31 @@ def test_gpt2_medium_r128_trainable_parameters():
     assert lora_parameter_counts("gpt2", 0)[0] == lora_parameter_counts("gpt2", 0)[1] == 124_439_808
 
 
+@pytest.mark.parametrize("targets, per_layer", [
+    ("attn", lambda r, C: r * (C + 3 * C) + r * (C + C)),
+    ("qv", lambda r, C: 2 * r * (C + C)),  # A and B for the query and for the value, nothing for the key
+    ("attn_mlp", lambda r, C: r * (C + 3 * C) + r * (C + C) + r * (C + 4 * C) + r * (4 * C + C)),
+])
+def test_trainable_parameters_of_each_target_on_gpt2_medium(targets, per_layer):
+    trainable, total, _ = lora_parameter_counts("gpt2-medium", 128, targets)
+    assert trainable == 24 * per_layer(128, 1024) and total == 354_823_168 + trainable
+
+
+@pytest.mark.parametrize("targets", ["attn", "qv", "attn_mlp"])
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_merged_equals_unmerged_for_every_target_and_scaling(tmp_path, targets, scaling):
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8, lora_targets=targets, lora_scaling=scaling))
+    perturb_lora_B(model)
+    idx = torch.randint(0, SHAPES[1]["vocab_size"], (2, 30))
+    with torch.no_grad():
+        unmerged, _ = model(idx, idx)
+        merged, _ = model.eval()(idx, idx)
+        plain, _ = GPT.from_pretrained(str(tmp_path)).eval()(idx, idx)
+    assert (merged - unmerged).abs().max() < 1e-4
+    assert (merged - plain).abs().max() > 1e-2
+
+
 def test_parameter_summary_follows_trainability(tiny_ckpt):
     model = GPT.from_pretrained(tiny_ckpt, dict(lora_rank=2, lora_alpha=2))
     trainable, total, _ = parameter_summary(mark_only_lora_as_trainable(model))

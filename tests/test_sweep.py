@@ -94,3 +94,18 @@ def test_every_curve_of_the_sweep_plot_can_be_told_apart():
     assert [line.get_label() for line in zoomed.get_lines()][-1] == "full (mean of 2 seeds)"
     assert zoomed.get_ylim()[1] < 1  # the first drop (9.4 -> 0.5) does not flatten the rest
     assert whole.get_yscale() == "log" and len(whole.get_lines()) == 4
+
+
+def test_the_lora_options_grid_names_and_flags_its_runs():
+    from configurator import configure
+    c = configure(sweep.DEFAULTS, ["--ranks=16,128", "--targets=attn,qv", "--scalings=rslora", "--lora_plus_ratios=1,16",
+                                   "--fixed_alpha=16", "--zero_shot=False", "--few_shot=False", "--seeds=1337,7"])
+    runs = {r["name"]: r for r in sweep.plan(c)}
+    assert len(runs) == 2 * 2 * 2 * 2 + 2  # ranks x targets x ratios x seeds, and full fine-tuning's seeds
+    r = runs["lora-r128-a16-qv-rslora-plus16-seed7"]
+    assert r["method"] == "LoRA (qv, rsLoRA, LoRA+ 16)" and r["group"] == "lora-r128-a16-qv-rslora-plus16"
+    assert r["train"][-5:] == ["--lora_alpha=16", "--lora_targets=qv", "--lora_scaling=rslora", "--lora_plus_ratio=16",
+                               "--seed=7"]
+    assert runs["lora-r16-a16-rslora"]["method"] == "LoRA (rsLoRA)" and "full-seed7" in runs
+    with pytest.raises(ConfigError, match="targets must be among attn, qv, attn_mlp, not 'mlp'"):
+        sweep.main(["--targets=mlp"])

@@ -239,3 +239,12 @@ def test_the_loss_plot_reads_at_a_glance(tiny_ckpt, reviews, tmp_path):
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels and not any("^" in t or "$" in t for t in labels)  # 5, not 5x10^0
+
+
+def test_lora_plus_gives_every_B_its_multiple_of_the_learning_rate(tiny_ckpt, reviews, tmp_path):
+    run(tiny_ckpt, reviews, tmp_path, "--max_iters=2", "--lora_plus_ratio=16", "--decay_lr=False")
+    optimizer = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]
+    # a parameter's AdamW moment has its shape: A is (r, in) = (4, 32), B is (out, r)
+    shapes = {g["lr"]: sorted(tuple(optimizer["state"][i]["exp_avg"].shape) for i in g["params"])
+              for g in optimizer["param_groups"]}
+    assert shapes == {3e-2: [(4, 32)] * 4, 16 * 3e-2: [(32, 4), (32, 4), (96, 4), (96, 4)]}
