@@ -37,3 +37,16 @@ def test_peft_parity_trains_both_the_same_way(tiny_ckpt, reviews, tmp_path):
     save(dict(result, ours_accuracy=-1), results)
     assert [(r["settings"]["lora_rank"], r["ours_accuracy"]) for r in json.loads(results.read_text())["runs"]] == \
         [(8, result["ours_accuracy"]), (4, -1)]
+
+
+def test_after_one_adam_step_doubling_alpha_is_doubling_the_learning_rate(tiny_ckpt, reviews, tmp_path):
+    # B starts at 0, so the first step moves B only, by lr * g / |g| whatever g's scale: doubling alpha
+    # or the learning rate doubles the update alike; later steps move A too, and the two part ways
+    from bench.lr_vs_alpha import main as lr_vs_alpha
+    res = lr_vs_alpha([f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path}", "--max_iters=1",
+                       "--eval_interval=1", "--lora_rank=4", "--lora_alpha=8", "--device=cpu",
+                       f"--results={tmp_path / 'r.json'}", "--train_args=--batch_size=4 --eval_iters=1"])
+    assert abs(res["distance"]["alpha x2 vs baseline"] - 1.0) < 1e-3  # ||2 dW - dW|| / ||dW||
+    assert abs(res["update_norm"]["lr x2"] / res["update_norm"]["baseline"] - 2.0) < 1e-4
+    # equal but for Adam's eps (1e-8), which the tiny random model's small gradients come close to
+    assert res["distance"]["alpha x2 vs lr x2"] < 1e-2
