@@ -156,7 +156,7 @@ def main(argv):
                datasheet_peak_tflops=peak and peak / 1e12, flops_per_token=per_token,
                generation_matches_cpu=generation_matches_cpu(dev), checkpoint=checkpoint_cost(c, work))
     print(json.dumps(res, indent=2), flush=True)
-    for v in c.variants.split(','):
+    for v in [v for v in c.variants.split(',') if v]:
         dtype, _, how = v.partition('+')
         r = run_variant(c, base, dev, dtype, how == 'compile', work)
         if 'error' not in r and peak:
