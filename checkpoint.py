@@ -155,7 +155,7 @@ def read_checkpoint(path, device="cpu"):
 def _adapter_model(path, ckpt, state):
     """The base model the adapter was trained on, with the adapter's LoRA tensors loaded."""
     args = ckpt["model_args"]
-    model = from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE})
+    model = from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE if k in args})
     if args["block_size"] < model.config.block_size:
         model.crop_block_size(args["block_size"])
     if model.config != GPTConfig(**args):
@@ -171,20 +171,24 @@ def _adapter_model(path, ckpt, state):
     return model
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a train.py ckpt.pt, whole or adapter-only."""
-    ckpt = read_checkpoint(path, device)
+def model_from_checkpoint(ckpt, path):
+    """The model of a train.py checkpoint dict read from path, whole or adapter-only."""
     # torch.compile and DDP prefix the parameter names
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
         if ckpt.get("adapter_only"):  # only the LoRA tensors: the rest is the base model the run started from
-            model = _adapter_model(path, ckpt, state)
-        else:
-            model = GPT(GPTConfig(**ckpt["model_args"]))
-            model.load_state_dict(state)
+            return _adapter_model(path, ckpt, state)
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(state)
+        return model
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
-    return model, ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py ckpt.pt, whole or adapter-only."""
+    ckpt = read_checkpoint(path, device)
+    return model_from_checkpoint(ckpt, path), ckpt
 
 
 def peft_target_modules(lora_targets):

@@ -2,7 +2,7 @@
 Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or in full.
 
     python train.py configs/finetune_params_config.py --init_from=gpt2-medium --out_dir=gpt-lora-default
-    python train.py configs/finetune_params_config.py --rank=0 --lr=1e-4 --out_dir=full   # full fine-tuning
+    python train.py configs/finetune_params_config.py --rank=0 --lr=1e-4 --out_dir=out-full   # full fine-tuning
     python train.py --init_from=resume --out_dir=gpt-lora-default            # continue a run as it was set up
     torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py   # data parallel
 
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import tiktoken
 import torch
 
-from checkpoint import base_fingerprint, load_checkpoint, read_checkpoint
+from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
 from common import as_config_error, autocast, get_lr, pick_device, pick_dtype, save_atomic
 from configurator import ConfigError, Settings, check, configure, run_cli, settings_of
 from dataloader import CustomDataLoader, load_splits
@@ -124,8 +124,6 @@ def check_settings(c):
         (c.checkpoint not in ("auto", "full", "adapter"), f"checkpoint must be 'auto', 'full' or 'adapter', not {c.checkpoint!r}"),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
-        (c.dtype not in ("auto", "float32", "bfloat16", "float16"),
-         f"dtype must be auto, float32, bfloat16 or float16, not {c.dtype!r}"),
     ])
 
 
@@ -201,7 +199,7 @@ def build_model(c, ckpt):
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
     lora = {k: c[k] for k in OVERRIDABLE}  # dropout and the LoRA settings
     if ckpt is not None:
-        model, _ = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
+        model = as_config_error(model_from_checkpoint, ckpt, os.path.join(c.out_dir, 'ckpt.pt'))
         base_model = ckpt['base_model']
         for k in OVERRIDABLE:
             c[k] = getattr(model.config, k)  # an imported adapter's checkpoint has no settings of its own
