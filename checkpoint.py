@@ -13,6 +13,9 @@ import os
 from dataclasses import asdict
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors.torch import load_file
 
 from common import error_summary, hub_offline, hub_unreachable_hint
 from lora import is_lora_param, lora_state_dict
@@ -35,8 +38,6 @@ def _file_getter(model_type, fail):
         return fetch
     if model_type.startswith((".", "/", "~")) or model_type.count("/") > 1:
         raise fail("no such directory")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     offline = hub_offline()
 
     def fetch(name):
@@ -78,7 +79,6 @@ def read_hf_checkpoint(model_type):
     state = {}
     for path in files:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             state.update(load_file(path))
         else:
             state.update(torch.load(path, map_location="cpu", weights_only=True))

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants
 
 from configurator import ConfigError
 
@@ -85,7 +86,6 @@ def hub_offline():
     if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off'):
         return True
     if 'offline' not in _hub_state:
-        from huggingface_hub import constants
         url = urlparse(constants.ENDPOINT)
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout=5).close()
@@ -100,7 +100,6 @@ def hub_unreachable_hint(what):
     if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off'):
         why = "HF_HUB_OFFLINE is set"
     else:
-        from huggingface_hub import constants
         why = f"the Hugging Face Hub ({urlparse(constants.ENDPOINT).hostname}) cannot be reached"
     return f"{why} and {what} is not in the local cache: connect to the internet, or download it where " \
            f"there is one and give its local directory instead"

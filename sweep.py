@@ -88,7 +88,8 @@ def lora_variants(c):
         if scaling != 'standard':
             name, what, flags = f'{name}-{scaling}', what + ['rsLoRA'], flags + [f'--lora_scaling={scaling}']
         if ratio != 1:
-            name, what, flags = f'{name}-plus{ratio:g}', what + [f'LoRA+ {ratio:g}'], flags + [f'--lora_plus_ratio={ratio:g}']
+            name, what = f'{name}-plus{ratio:g}', what + [f'LoRA+ {ratio:g}']
+            flags = flags + [f'--lora_plus_ratio={ratio:g}']
         out.append((name, 'LoRA' + (f" ({', '.join(what)})" if what else ''), r, alpha, flags))
     return out
 
@@ -252,7 +253,8 @@ def summary_lines(rows):
         return []
     lines = ["", "## Mean over seeds", "",
              "Mean ± sample standard deviation, and the range (min-max), over the seeds of each method.", "",
-             "| method | r | alpha | lr | seeds | test accuracy (%) | best val loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | r | alpha | lr | seeds | test accuracy (%) | best val loss |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
         r = g[0]
         lines.append(f"| {name} | {fmt(r['rank'], 'd')} | {fmt(r['alpha'], 'g')} | {r['lr']:g} | "
@@ -264,7 +266,7 @@ def summary_lines(rows):
 def write_table(rows, c, argv, path):
     n = {r['n_test'] for r in rows if r['n_test']}
     reviews = (f"{n.pop():,} test reviews" if len(n) == 1 else "the test reviews") + \
-        (f" (a random sample, each label in its share, the same for every run)" if c.num_samples else " (all of them)")
+        (" (a random sample, each label in its share, the same for every run)" if c.num_samples else " (all of them)")
     lines = [f"# Sweep: {c.init_from} on {c.dataset}", "",
              f"Produced by `{shlex.join(['python', 'sweep.py', *argv])}`; every run's own commands are listed "
              f"below the tables. Training: {c.max_iters} iterations of {c.batch_size} reviews. Accuracy is on "

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import tiktoken
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
 from common import as_config_error, autocast, get_lr, pick_device, pick_dtype, save_atomic
@@ -108,20 +109,23 @@ def check_settings(c):
         (c.lora_rank < 0, f"lora_rank must be >= 0 (0 means full fine-tuning), not {c.lora_rank}"),
         (c.lora_rank > 0 and c.lora_alpha <= 0, f"lora_alpha must be > 0 when lora_rank > 0, not {c.lora_alpha}"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), not {c.lora_dropout}"),
-        (c.lora_targets not in LORA_TARGETS, f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not {c.lora_targets!r}"),
+        (c.lora_targets not in LORA_TARGETS,
+         f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not {c.lora_targets!r}"),
         (c.lora_scaling not in LORA_SCALINGS, f"lora_scaling must be standard or rslora, not {c.lora_scaling!r}"),
         (c.lora_plus_ratio <= 0, f"lora_plus_ratio must be > 0 (1 is plain LoRA), not {c.lora_plus_ratio}"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.bucket < 0, f"bucket must be >= 0 (0 turns length bucketing off), not {c.bucket}"),
         (c.pad_multiple < 0, f"pad_multiple must be >= 0 (0: 32 with compile, else none), not {c.pad_multiple}"),
-        (c.gradient_accumulation_steps < 1, f"gradient_accumulation_steps must be >= 1, not {c.gradient_accumulation_steps}"),
+        (c.gradient_accumulation_steps < 1,
+         f"gradient_accumulation_steps must be >= 1, not {c.gradient_accumulation_steps}"),
         (c.max_iters < 1 and not c.eval_only, f"max_iters must be >= 1, not {c.max_iters}"),
         (min(c.eval_interval, c.eval_iters, c.log_interval) < 1, "eval_interval, eval_iters and log_interval must be >= 1"),
         (c.learning_rate <= 0, f"learning_rate must be > 0, not {c.learning_rate}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
-        (c.checkpoint not in ("auto", "full", "adapter"), f"checkpoint must be 'auto', 'full' or 'adapter', not {c.checkpoint!r}"),
+        (c.checkpoint not in ("auto", "full", "adapter"),
+         f"checkpoint must be 'auto', 'full' or 'adapter', not {c.checkpoint!r}"),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
     ])
@@ -159,10 +163,9 @@ def setup_runtime(c):
     """Device, precision and, under torchrun, the process group."""
     rt = SimpleNamespace(ddp=int(os.environ.get('RANK', -1)) != -1, rank=0, world=1)
     if rt.ddp:
-        from torch.distributed import init_process_group
         rt.rank, local_rank, rt.world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
         use_cuda = torch.cuda.is_available() and c.device != 'cpu'
-        init_process_group(backend='nccl' if use_cuda else 'gloo')
+        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
         rt.device = f'cuda:{local_rank}' if use_cuda else 'cpu'
         if use_cuda:
             torch.cuda.set_device(rt.device)
@@ -437,7 +440,6 @@ def prepare_training(c, rt, raw_model, ckpt):
             scaler.load_state_dict(ckpt['scaler'])
     model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
     if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.device] if rt.device.startswith('cuda') else None)
     return model, optimizer, scaler
 

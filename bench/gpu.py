@@ -25,6 +25,8 @@ import time
 
 import tiktoken
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -68,7 +70,6 @@ def device_peak(dev, given):
 def random_base(c, path):
     """A random GPT-2 of the benchmark's shape saved as a Hugging Face checkpoint: LoRA runs on it
     write adapter-only checkpoints, as they do on gpt2-medium."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)).save_pretrained(path)
     return path
@@ -76,7 +77,6 @@ def random_base(c, path):
 
 def flops_per_token(base, c, dev):
     """FLOPs of forward and backward per input token of the default run's step, counted on 5 batches."""
-    from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = mark_only_lora_as_trainable(GPT.from_pretrained(base, dict(lora_rank=128, lora_alpha=512.0))).to(dev)
     loader = CustomDataLoader(load_splits(c.dataset)['train'], tiktoken.get_encoding('gpt2'), 16)

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -69,7 +68,8 @@ def distance(a, b):
 
 def main(argv):
     c = configure(DEFAULTS, argv)
-    variants = {'baseline': (c.lora_alpha, c.learning_rate), f'alpha x{c.factor:g}': (c.lora_alpha * c.factor, c.learning_rate),
+    variants = {'baseline': (c.lora_alpha, c.learning_rate),
+                f'alpha x{c.factor:g}': (c.lora_alpha * c.factor, c.learning_rate),
                 f'lr x{c.factor:g}': (c.lora_alpha, c.learning_rate * c.factor)}
     runs, updates = {}, {}
     for name, (alpha, lr) in variants.items():

@@ -20,6 +20,8 @@ import time
 import tiktoken
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -73,8 +75,6 @@ def run_ours(c):
 
 def peft_model(c):
     """transformers' GPT-2 with PEFT LoRA on the attention c_attn and c_proj, starting from train.py's A."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
     base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
     model = get_peft_model(base, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0,
                                             fan_in_fan_out=True, target_modules=peft_target_modules('attn'), bias="none"))

@@ -34,6 +34,9 @@ import time
 
 import tiktoken
 import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -64,8 +67,6 @@ PARTS = ('train', 'eval', 'latency', 'memory', 'flops', 'bf16')
 
 def gpt2_small_pair(dev, rank=16, seed=1337):
     """Our LoRA GPT and a transformers + PEFT GPT-2, 124M shapes, the same random weights and LoRA A."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))
     path = tempfile.mkdtemp()
@@ -127,7 +128,6 @@ def bench_eval(c, dev):
     Reviews per second of generate.py (its own timing of the predictions, model and data loaded) and
     of transformers' generate on the same prompts in the same batches, in turns round after round.
     """
-    from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(c.eval_model).to(dev).eval()
     test = load_splits(c.dataset, ('test',))['test']
     enc, max_new_tokens, eot = tiktoken.get_encoding('gpt2'), 5, 50256
@@ -220,7 +220,6 @@ def bench_memory(c, dev):
 
 
 def bench_flops(c, dev, sync, records):
-    from torch.utils.flop_counter import FlopCounterMode
     n = 2048
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     ours, _ = gpt2_small_pair(dev)
