@@ -10,6 +10,9 @@ token while "positive" after a space is another.
     data = load_splits("cornell-movie-review-data/rotten_tomatoes")   # or a local directory
     loader = CustomDataLoader(data["train"], tiktoken.get_encoding("gpt2"), batch_size=8)
     x, y = loader.get_batch(0)   # (B, T) inputs, (B, T) targets with -1 where nothing is learned
+
+The answer side lives here too: parse_label() reads the label word a model generated, and
+stratified_subset() draws test reviews with each label in its share.
 """
 
 import math

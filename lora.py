@@ -4,7 +4,10 @@ LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) for linear layers.
 LoRALinear is an nn.Linear with a trainable low-rank update: y = W x + b + (alpha/r) * B A x,
 where A is (r, in) and B is (out, r). B starts at zero, so a fresh layer computes exactly what the
 pretrained nn.Linear computed. For inference the update can be folded into W ("merged"), which makes
-a LoRA model exactly as fast as the model without LoRA.
+a LoRA model exactly as fast as the model without LoRA. Two options beyond the paper's layer:
+rslora=True scales by alpha / sqrt(r) instead (rank-stabilised LoRA, Kalajdzievski 2023), and
+lora_slices gives each of some equal slices of the output its own update and the others none (the
+query and value of GPT-2's fused query/key/value projection, as the LoRA paper adapted them).
 
 Merging is explicit, idempotent and safe (an update holding NaN is refused; the sum is computed in
 float32 and rounded once, also for half-precision weights):
