@@ -113,6 +113,12 @@ def test_adapter_checkpoints_of_other_targets_round_trip(tiny_ckpt, reviews, tmp
     assert {k.split(".", 3)[3] for k in adapted} == expected
     for k, v in a.state_dict().items():  # the same training, stored two ways, resumed halfway in one
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6)
+    from transformers import GPT2LMHeadModel
+    export.main([f"--out_dir={tmp_path / 'adapter'}", "--format=hf", f"--export_dir={tmp_path / 'hf'}"])
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        diff = (GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()(idx).logits - b.eval()(idx, idx)[0])
+    assert diff.abs().max().item() < 1e-4
 
 
 def test_export_peft_of_attention_and_mlp_with_rslora_loads_in_peft(tiny_ckpt, reviews, tmp_path):
