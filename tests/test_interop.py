@@ -25,6 +25,16 @@ def lora_run(tiny_ckpt, reviews, tmp_path_factory):
     return out
 
 
+def hf_export_logit_gap(model, run_dir, export_dir, *flags):
+    """Largest |logit| difference between model and run_dir exported to transformers in export_dir."""
+    from transformers import GPT2LMHeadModel
+    export.main([f"--out_dir={run_dir}", "--format=hf", f"--export_dir={export_dir}", *flags])
+    hf = GPT2LMHeadModel.from_pretrained(str(export_dir)).eval()
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        return (hf(idx).logits - model.eval()(idx, idx)[0]).abs().max().item()
+
+
 def test_adapter_only_checkpoint_is_small_and_equivalent(tiny_ckpt, reviews, lora_run, tmp_path):
     tiny_run(tiny_ckpt, reviews, tmp_path / "adapter", "--checkpoint=adapter", "--max_iters=2")
     tiny_run(tiny_ckpt, reviews, tmp_path / "adapter", "--init_from=resume")  # resume keeps the format
@@ -43,20 +53,12 @@ def test_adapter_only_checkpoint_is_small_and_equivalent(tiny_ckpt, reviews, lor
 
 
 def test_export_hf_loads_in_transformers_with_equal_logits(lora_run, tmp_path):
-    from transformers import GPT2LMHeadModel
     tokenizer = SHARED / "assets" / "gpt2_tokenizer"
-    export.main([f"--out_dir={lora_run}", "--format=hf", f"--export_dir={tmp_path}",
-                 f"--tokenizer_dir={tokenizer if tokenizer.is_dir() else ''}"])
+    ours, _ = load_checkpoint(str(lora_run / "ckpt.pt"))
+    assert hf_export_logit_gap(ours, lora_run, tmp_path, f"--tokenizer_dir={tokenizer if tokenizer.is_dir() else ''}") < 1e-4
     if tokenizer.is_dir():
         from transformers import GPT2TokenizerFast
         assert GPT2TokenizerFast.from_pretrained(str(tmp_path)).encode(" positive") == [3967]
-    ours, _ = load_checkpoint(str(lora_run / "ckpt.pt"))
-    ours.eval()
-    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
-    idx = torch.randint(0, 50257, (2, 24))
-    with torch.no_grad():
-        diff = (hf(idx).logits - ours(idx, idx)[0]).abs().max().item()
-    assert diff < 1e-4
 
 
 def test_export_peft_loads_in_peft_with_equal_logits_and_imports_back(tiny_ckpt, lora_run, tmp_path):
@@ -113,12 +115,7 @@ def test_adapter_checkpoints_of_other_targets_round_trip(tiny_ckpt, reviews, tmp
     assert {k.split(".", 3)[3] for k in adapted} == expected
     for k, v in a.state_dict().items():  # the same training, stored two ways, resumed halfway in one
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6)
-    from transformers import GPT2LMHeadModel
-    export.main([f"--out_dir={tmp_path / 'adapter'}", "--format=hf", f"--export_dir={tmp_path / 'hf'}"])
-    idx = torch.randint(0, 50257, (2, 24))
-    with torch.no_grad():
-        diff = (GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()(idx).logits - b.eval()(idx, idx)[0])
-    assert diff.abs().max().item() < 1e-4
+    assert hf_export_logit_gap(b, tmp_path / "adapter", tmp_path / "hf") < 1e-4
 
 
 def test_export_peft_of_attention_and_mlp_with_rslora_loads_in_peft(tiny_ckpt, reviews, tmp_path):
