@@ -1,23 +1,33 @@
 """
-What the scripts share: the device and precision to run on, atomic file writes, the Hugging Face
-Hub's reachability, turning a loader's ValueError into the one-line error a user sees, and the
-learning-rate schedule.
+What the scripts share: the device and precision to run on, atomic file writes and the hold a
+command keeps on its out_dir, the Hugging Face Hub's reachability, turning a loader's ValueError into
+the one-line error a user sees, and the learning-rate schedule.
 """
 
+import errno
+import fcntl
+import json
 import math
 import os
+import re
+import shutil
 import socket
-from contextlib import nullcontext
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
 from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants
 
-from configurator import ConfigError
+from configurator import ConfigError, WriteError
 
 
 def pick_device(name):
     """'auto' -> cuda, else mps, else cpu; a named device that is not there is a ConfigError."""
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', name):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
     if name == 'auto':
         if torch.cuda.is_available():
             return 'cuda'
@@ -50,15 +60,198 @@ def autocast(device, dtype):
     return torch.amp.autocast(device_type=device.split(':')[0], dtype=getattr(torch, dtype))
 
 
+def _payload_bytes(obj):
+    """Roughly how many bytes writing obj takes: its tensors' (or its own, for bytes) size."""
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_payload_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_payload_bytes, obj))
+    return 0
+
+
+def _os_error(e):
+    """The OSError behind e (torch.save wraps a failed write in a RuntimeError), or None."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a power cut (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _mb(n):
+    return f"{n / 2**20:.1f} MB"
+
+
 def save_atomic(obj, path, write=torch.save):
-    """Write to path.tmp, flush to disk, then rename: a crash leaves the old file or the new one.
-    obj is bytes, or what write(obj, file) writes (torch.save by default)."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(obj) if isinstance(obj, bytes) else write(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """
+    Write obj to path so that a crash, a signal or a full disk leaves the old file or the new one,
+    never a part: into a new temporary file of a unique name in path's folder (created exclusively,
+    so a planted symlink is never followed), flushed to disk, renamed over path, the folder synced.
+    obj is bytes, or what write(obj, file) writes (torch.save by default). A failed write is one
+    WriteError naming the file and the space it needed; the temporary file is removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(obj) if isinstance(obj, (bytes, bytearray)) else write(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        cause = _os_error(e)
+        if isinstance(e, Exception) and cause is not None:
+            free = shutil.disk_usage(folder).free
+            raise WriteError(f"cannot write {path}: {cause.strerror or cause} (it needs about "
+                             f"{_mb(_payload_bytes(obj))}, {_mb(free)} free there); free some space and run "
+                             f"the command again") from None
+        raise
+    sync_folder(folder)
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG at path, atomically, and the figure closed."""
+    import matplotlib.pyplot as plt
+    save_atomic(fig, path, write=lambda f, fh: f.savefig(fh, format='png', dpi=100))
+    plt.close(fig)
+
+
+def write_json(obj, path):
+    save_atomic(json.dumps(obj, indent=2).encode() + b'\n', path)
+
+
+def append_line(path, record):
+    """One JSON line at the end of path; a full disk is a WriteError and leaves the file as it was."""
+    line = (json.dumps(record) + '\n').encode()
+    try:
+        with open(path, 'ab') as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                f.truncate(size)  # no torn line for the next reader
+                raise
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror}; free some space, then continue the run "
+                         f"with --init_from=resume") from None
+
+
+def read_jsonl(path):
+    """(records, how many lines were dropped) of a JSON-lines file: blank lines are skipped; a torn or
+    garbled line (what a kill in mid-write leaves) is dropped, not an error."""
+    records, dropped = [], 0
+    if not os.path.exists(path):
+        return records, dropped
+    with open(path, 'rb') as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get('iter'), int):
+                records.append(rec)
+            else:
+                dropped += 1
+    return records, dropped
+
+
+def _holder(lock_path):
+    try:
+        with open(lock_path) as f:
+            info = json.load(f)
+        return f"process {info['pid']} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def hold_out_dir(out_dir, command):
+    """
+    Hold out_dir for as long as the block runs: a second command that would write there stops with one
+    line naming the process that holds it. The hold is an flock on out_dir/.lock, which the kernel
+    drops when the holder dies however it dies, so a killed run's lock is taken over without a word.
+    out_dir is created if need be, and removed again if the block fails and leaves it empty.
+    """
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
+    lock_path = os.path.join(out_dir, '.lock')
+    try:
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ConfigError(f"{out_dir} is in use by {_holder(lock_path)}: wait for it to finish, stop it, "
+                                  f"or pick another --out_dir") from None
+            try:  # the holder before us may have removed the file we opened; lock the one that is there
+                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except BaseException:
+        _remove_if_empty(out_dir, created)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(dict(pid=os.getpid(), command=command,
+                                     since=time.strftime('%Y-%m-%d %H:%M:%S'))).encode())
+    except OSError:
+        pass  # a full disk: the lock holds all the same, only the holder's name is missing
+    try:
+        yield
+    finally:
+        os.remove(lock_path)
+        os.close(fd)
+        _remove_if_empty(out_dir, created)
+
+
+def _remove_if_empty(folder, created):
+    if created:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def command_line():
+    return ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:200]
 
 
 def error_summary(e):

@@ -15,7 +15,9 @@ not a Python literal is taken as a string where the setting is a string.
 import ast
 import difflib
 import glob
+import math
 import os
+import signal
 import sys
 import types
 
@@ -26,6 +28,32 @@ HELP = ("-h", "--help")
 
 class ConfigError(ValueError):
     """A bad setting; the scripts print its message as one line and exit with status 2."""
+
+
+class WriteError(Exception):
+    """A file that cannot be written (a full disk, no permission): one line, status 1."""
+
+
+class Interrupted(BaseException):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) that stops a command: one line, status 128 + the signal."""
+
+    def __init__(self, signum, message=""):
+        super().__init__(message)
+        self.signum = signum
+
+
+def stop_signals():
+    """The signals that ask a command to stop: Ctrl-C, SIGTERM (what Slurm, Kubernetes, `timeout` and
+    notebook restarts send) and SIGHUP (a closed terminal) unless the command was started to ignore
+    it (nohup)."""
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs.append(signal.SIGHUP)
+    return sigs
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 class Settings(dict):
@@ -86,6 +114,8 @@ def _coerce(key, value, default, raw=None):
     """value with the type of default, or a ConfigError."""
     if default is None or value is None or type(value) is type(default):
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"setting '{key}' must be a finite number, not {value}")
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(default, str) and raw is not None:
@@ -104,8 +134,18 @@ def _missing_config_file(path):
 
 def _run_config_file(path, config, defaults):
     namespace = dict(config)
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
+    try:
+        with open(path) as f:
+            code = compile(f.read(), path, "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        exec(code, namespace)
+    except Exception as e:
+        line = next((tb.tb_lineno for tb in _frames(e.__traceback__) if tb.tb_frame.f_code.co_filename == path), "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for key, value in namespace.items():
         if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
             continue
@@ -113,6 +153,12 @@ def _run_config_file(path, config, defaults):
             continue
         key = _check_key(key, config, f" in {path}")
         config[key] = _coerce(key, value, defaults[key])
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 def configure(defaults, argv):
@@ -156,8 +202,14 @@ def help_text(script):
     with open(script) as f:
         doc = (ast.get_docstring(ast.parse(f.read())) or "").strip().splitlines()
     name = os.path.basename(script)
-    lines = [doc[0] if doc else name, "", "usage:"]
-    lines += [f"  {line.strip()}" for line in doc if line.startswith(("    python", "    torchrun"))] or [f"  python {name}"]
+    first = " ".join(doc[:doc.index("")] if "" in doc else doc) or name
+    usage = []
+    for line in doc:
+        if line.startswith(("    python", "    torchrun")):
+            usage.append(" ".join(line.split()))
+        elif usage and line.startswith("      ") and line.strip():  # a usage line continued
+            usage[-1] += " " + " ".join(line.split())
+    lines = [first, "", "usage:"] + [f"  {u}" for u in usage or [f"python {name}"]]
     block = _settings_block(script)
     if not block:
         return "\n".join(lines + ["", "no settings"])
@@ -171,14 +223,32 @@ def help_text(script):
 
 
 def run_cli(main, argv, script, errors=()):
-    """The exit status of a script's main(argv): 0 unless it returns an int; --help (or -h) prints
-    help_text(script); a ConfigError (or one of errors) is printed as one line on stderr, status 2."""
+    """
+    The exit status of a script's main(argv): 0 unless it returns an int. --help (or -h) prints
+    help_text(script). A ConfigError (status 2), a WriteError or one of errors (status 1) is printed as
+    one line on stderr; so is a stop signal (status 128 + its number), which main may catch as
+    Interrupted to finish its step first.
+    """
     if any(arg in HELP for arg in argv):
         print(help_text(script))
         return 0
+    for sig in stop_signals():
+        signal.signal(sig, _raise_interrupted)
     try:
         status = main(argv)
         return status if isinstance(status, int) else 0
-    except (ConfigError, *errors) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (WriteError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        for sig in stop_signals():
+            signal.signal(sig, signal.SIG_IGN)  # the message below is the last word, whatever comes next
+        name = signal.Signals(e.signum).name
+        print(f"interrupted ({name}){': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 128 + e.signum
+    except BrokenPipeError:  # output piped into head and the like: not an error of ours
+        sys.stderr.close()
+        return 1

@@ -138,6 +138,12 @@ def load_splits(dataset, splits=("train", "validation")):
                              f"it needs 'text' (the review) and 'label' (0 negative, 1 positive)")
         if len(data[split]) == 0:
             raise ValueError(f"the '{split}' split of '{dataset}' is empty")
+    for split in splits:  # every split's labels, before any work
+        bad = next(((i, y) for i, y in enumerate(data[split]["label"]) if y not in (0, 1) or isinstance(y, bool)), None)
+        if bad is not None:
+            i, y = bad
+            raise ValueError(f"label {y!r} of review {clean(data[split][i]['text'])[:40]!r} (row {i} of the '{split}' "
+                             f"split of '{dataset}') is not 0 (negative) or 1 (positive)")
     return data
 
 

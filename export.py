@@ -19,15 +19,16 @@ writes an adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import asdict
 
+from contextlib import ExitStack
+
 from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, load_checkpoint, peft_target_modules
-from common import as_config_error, hub_offline, save_atomic
+from common import as_config_error, command_line, hold_out_dir, hub_offline, save_atomic, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
 from lora import LoRALinear, is_lora_param, lora_state_dict
 from model import GPT
@@ -39,9 +40,12 @@ export_dir = ''  # where the export goes; '' means out_dir/hf or out_dir/peft
 tokenizer_dir = ''  # a folder with GPT-2's vocab.json and merges.txt, when the base model has none
 adapter = ''  # import_peft: the adapter folder
 init_from = ''  # import_peft: the base model; '' means the adapter's base_model_name_or_path
+overwrite = False  # replace files an earlier export (or import) left where this one writes
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+WRITES = {'hf': ("config.json", "model.safetensors") + TOKENIZER_FILES,
+          'peft': ("adapter_config.json", "adapter_model.safetensors"), 'import_peft': ("ckpt.pt",)}
 
 
 def hf_state_dict(model):
@@ -80,20 +84,19 @@ def copy_tokenizer(base_model, tokenizer_dir, dest):
     for name in TOKENIZER_FILES:
         path = find(name)
         if path:
-            shutil.copyfile(path, os.path.join(dest, name))
+            with open(path, "rb") as f:
+                save_atomic(f.read(), os.path.join(dest, name))
             copied.append(name)
     return copied
 
 
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+def save_safetensors(state, path):
+    save_atomic(save(state, metadata={"format": "pt"}), path)
 
 
 def export_hf(model, base_model, dest, tokenizer_dir=''):
-    os.makedirs(dest, exist_ok=True)
     write_json(hf_config(model.config), os.path.join(dest, "config.json"))
-    save_file(hf_state_dict(model), os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(hf_state_dict(model), os.path.join(dest, "model.safetensors"))
     return copy_tokenizer(base_model, tokenizer_dir, dest)
 
 
@@ -102,7 +105,6 @@ def export_peft(model, base_model, dest):
     if cfg.lora_rank == 0:
         raise ValueError("this run has no LoRA (lora_rank=0): export it with --format=hf")
     target_modules = peft_target_modules(cfg.lora_targets)
-    os.makedirs(dest, exist_ok=True)
     write_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                 "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                 "target_modules": target_modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
@@ -110,18 +112,23 @@ def export_peft(model, base_model, dest):
                os.path.join(dest, "adapter_config.json"))
     # PEFT keeps A as Linear(in, r) and B as Linear(r, out) even around Conv1D: the same shapes as here
     state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone() for k, v in lora_state_dict(model).items()}
-    save_file(state, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, os.path.join(dest, "adapter_model.safetensors"))
 
 
 def import_peft(adapter_dir, base_model, dest):
     """An adapter-only ckpt.pt in dest from a PEFT LoRA adapter of GPT-2's attention (and MLP) projections."""
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        acfg = json.load(f)
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            acfg = json.load(f)
+        tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{adapter_dir} is not a readable PEFT adapter (it needs adapter_config.json and "
+                         f"adapter_model.safetensors): {getattr(e, 'strerror', None) or e}") from None
     if acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
         raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type {acfg.get('peft_type')})")
     base_model = base_model or acfg.get("base_model_name_or_path")
     state = {}
-    for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
+    for k, v in tensors.items():
         name = k.removeprefix(PEFT_PREFIX).removesuffix(".weight").removesuffix(".default")
         if not re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_[AB]", name):
             raise ValueError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj and MLP c_fc and "
@@ -134,27 +141,50 @@ def import_peft(adapter_dir, base_model, dest):
     for k, v in lora_state_dict(model).items():  # layers the adapter leaves out keep B = 0: no change
         state.setdefault(k, v)
     model.load_state_dict(state, strict=False)
-    os.makedirs(dest, exist_ok=True)
     save_atomic({"model": state, "adapter_only": True, "model_args": asdict(model.config), "iter_num": 0,
                  "base_model": base_model, "config": {"imported_from": adapter_dir}},
                 os.path.join(dest, "ckpt.pt"))
     return model
 
 
+def check_destination(dest, fmt, overwrite, base_model):
+    """Refuse to write into the run's base model's folder at all, or over an earlier export without --overwrite."""
+    if base_model and os.path.isdir(base_model):
+        base, where = os.path.realpath(base_model), os.path.realpath(dest)
+        if where == base or where.startswith(base + os.sep):
+            raise ConfigError(f"{dest} is inside the run's base model folder {base_model}: an export there would "
+                              f"replace the model the run needs; pick another --export_dir")
+    there = [name for name in WRITES[fmt] if os.path.lexists(os.path.join(dest, name))]
+    if there and not overwrite:
+        raise ConfigError(f"{os.path.join(dest, there[0])} already exists: pick another "
+                          f"{'--out_dir' if fmt == 'import_peft' else '--export_dir'}, or replace it with --overwrite=True")
+
+
 def main(argv):
     c = configure(DEFAULTS, argv)
+    if c.format not in WRITES:
+        raise ConfigError(f"format must be 'hf', 'peft' or 'import_peft', not {c.format!r}")
     if c.format == 'import_peft':
         if not c.adapter:
             raise ConfigError("import_peft needs --adapter=path/to/adapter_folder")
-        as_config_error(import_peft, c.adapter, c.init_from, c.out_dir)
+        check_destination(c.out_dir, c.format, c.overwrite, c.init_from)
+        with hold_out_dir(c.out_dir, command_line()):
+            as_config_error(import_peft, c.adapter, c.init_from, c.out_dir)
         print(f"wrote {os.path.join(c.out_dir, 'ckpt.pt')}; evaluate it with "
               f"python generate.py --init_from=resume --out_dir={c.out_dir}")
         return
-    if c.format not in ('hf', 'peft'):
-        raise ConfigError(f"format must be 'hf', 'peft' or 'import_peft', not {c.format!r}")
-    model, ckpt = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
     dest = c.export_dir or os.path.join(c.out_dir, c.format)
-    base_model = ckpt.get('base_model', '')
+    with ExitStack() as held:
+        held.enter_context(hold_out_dir(c.out_dir, command_line()))  # no run writes its checkpoint meanwhile
+        model, ckpt = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
+        base_model = ckpt.get('base_model', '')
+        check_destination(dest, c.format, c.overwrite, base_model)
+        if os.path.realpath(dest) != os.path.realpath(c.out_dir):
+            held.enter_context(hold_out_dir(dest, command_line()))
+        export(c, model, base_model, dest)
+
+
+def export(c, model, base_model, dest):
     if c.format == 'hf':
         copied = export_hf(model, base_model, dest, c.tokenizer_dir)
         print(f"wrote a transformers GPT-2 checkpoint to {dest}"

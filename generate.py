@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from common import as_config_error, autocast, pick_device, pick_dtype, save_atomic
-from configurator import check, configure, override, run_cli, settings_of
-from dataloader import (LABEL_WORDS, encode_prompt, few_shot_demonstrations, left_pad, load_splits, parse_label,
-                        stratified_subset)
+from common import as_config_error, autocast, command_line, hold_out_dir, pick_device, pick_dtype, save_atomic
+from configurator import ConfigError, check, configure, override, run_cli, settings_of
+from dataloader import (LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
+                        parse_label, stratified_subset)
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -67,12 +67,18 @@ def check_settings(c):
 
 
 def load_model(c):
-    """The model to evaluate and the data set it goes with (for resume, the one it was trained on)."""
+    """The model to evaluate, the data set it goes with (for resume, the one it was trained on), and for
+    resume (iteration reached, max_iters the run was set up for)."""
     if c.init_from != 'resume':
-        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES
+        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES, None
     path = os.path.join(c.out_dir, 'ckpt.pt')
     model, ckpt = as_config_error(load_checkpoint, path)
-    return model, c.dataset or ckpt.get('config', {}).get('dataset') or ROTTEN_TOMATOES
+    config = ckpt.get('config', {})
+    progress = (ckpt.get('iter_num', 0), config.get('max_iters'))
+    if progress[1] and progress[0] < progress[1]:
+        print(f"warning: {path} is at iteration {progress[0]} of the {progress[1]} its run was set up for: an "
+              f"unfinished run (finish it with python train.py --init_from=resume --out_dir={c.out_dir})")
+    return model, c.dataset or config.get('dataset') or ROTTEN_TOMATOES, progress
 
 
 class ModelSampler:
@@ -87,7 +93,11 @@ class ModelSampler:
         self.enc = tiktoken.get_encoding('gpt2')
         self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
 
-        model, c.dataset = load_model(c)
+        model, c.dataset, self.progress = load_model(c)
+        block = model.config.block_size
+        if c.max_new_tokens >= block:
+            raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {block} tokens; use --max_new_tokens=5")
         # on the device first: eval() picks the GELU for it, and merges LoRA into W, so inference
         # costs what the model without LoRA costs
         self.model = model.to(self.device).eval()
@@ -96,8 +106,18 @@ class ModelSampler:
         self.split_size = len(data[c.split])
         self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
         self.records = data[c.split].select(self.indices)
-        self.demonstrations = (few_shot_demonstrations(data['train'], c.num_shots, c.seed)
-                               if c.prompt_style == 'few_shot' else ())
+        self.demonstrations = ()
+        if c.prompt_style == 'few_shot':
+            fewest = min(data['train']['label'].count(y) for y in (0, 1))
+            if (c.num_shots + 1) // 2 > fewest:
+                raise ConfigError(f"num_shots={c.num_shots} needs {(c.num_shots + 1) // 2} reviews of each label, but "
+                                  f"the train split of {c.dataset} has {fewest} of one; use --num_shots={2 * fewest}")
+            self.demonstrations = few_shot_demonstrations(data['train'], c.num_shots, c.seed)
+            fixed = len(self.enc.encode(build_prompt('', self.demonstrations)))
+            if fixed + c.max_new_tokens >= block:
+                raise ConfigError(f"num_shots={c.num_shots} examples take {fixed} tokens: with max_new_tokens="
+                                  f"{c.max_new_tokens} no review fits the model's context of {block} tokens; "
+                                  f"use fewer --num_shots")
 
     def prompt_ids(self, text):
         return encode_prompt(self.enc, text, self.model.config.block_size - self.settings.max_new_tokens,
@@ -187,6 +207,7 @@ class ModelSampler:
                        **{k: c[k] for k in ('init_from', 'out_dir', 'dataset', 'split', 'mode', 'prompt_style',
                                             'max_new_tokens', 'temperature', 'top_k', 'seed', 'batch_size')},
                        num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
+                       **(dict(iter_num=self.progress[0], max_iters=self.progress[1]) if self.progress else {}),
                        reviews=self.indices if n < self.split_size else 'all')  # positions in the split
         save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'))
         lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
@@ -196,9 +217,11 @@ class ModelSampler:
 
 def main(argv):
     c = configure(DEFAULTS, argv)
-    sampler = ModelSampler(**c)
-    accuracy, pos, neg = sampler.get_accuracy()
-    summary = sampler.write_results(c.out_dir)
+    check_settings(c)
+    with hold_out_dir(c.out_dir, command_line()):  # before the work: results that cannot be written stop it now
+        sampler = ModelSampler(**c)
+        accuracy, pos, neg = sampler.get_accuracy()
+        summary = sampler.write_results(c.out_dir)
     print(f"Accuracy: {accuracy:.4f}, Positive Predictions: {pos}, Negative Predictions: {neg}, "
           f"Unparseable: {summary['unparseable']} ({summary['n']} reviews, {summary['seconds']:.1f} s, "
           f"{summary['examples_per_second']:.1f} reviews/s)")

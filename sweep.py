@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from configurator import ConfigError, check, configure, run_cli, settings_of
+from common import command_line, hold_out_dir, read_jsonl, save_atomic, save_figure, write_json
+from configurator import ConfigError, Interrupted, check, configure, run_cli, settings_of
 from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
@@ -168,32 +169,42 @@ def command(script, flags, run_dir):
 
 
 def execute(cmd, log_path):
-    """Run cmd with this Python, its output appended to log_path; the last line of its error, or None."""
+    """
+    Run cmd with this Python, its output appended to log_path; the last line of its error, or None.
+    The child runs in a session of its own and a stop signal reaches it from here alone, so that
+    train.py saves its checkpoint and the sweep stops only after it has.
+    """
     with open(log_path, 'a') as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        p = subprocess.run([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
-    if p.returncode == 0:
+        p = subprocess.Popen([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stop = None
+        while True:
+            try:
+                returncode = p.wait()
+                break
+            except Interrupted as e:
+                stop = stop or e
+                p.send_signal(e.signum)  # a second signal too: the child then stops at once
+        if stop:
+            raise Interrupted(stop.signum, f"{cmd[1]} in {os.path.dirname(log_path)} stopped with exit status "
+                                           f"{returncode}; run the sweep again to continue")
+    if returncode == 0:
         return None
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
-    return (lines[-1] if lines else f"exit status {p.returncode}")[:300]
+    return (lines[-1] if lines else f"exit status {returncode}")[:300]
 
 
 def read_metrics(run_dir):
-    try:
-        with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except OSError:
-        return []
+    return read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))[0]
 
 
 def run_one(run, c):
     """Train (or resume) and evaluate one run unless it finished before with these settings; its table row."""
     run_dir = os.path.join(c.out_dir, run['name'])
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'sweep_run.json'), 'w') as f:
-        json.dump(dict(train=run['train'], eval=run['eval']), f, indent=1)
+    write_json(dict(train=run['train'], eval=run['eval']), os.path.join(run_dir, 'sweep_run.json'))
     results_path = os.path.join(run_dir, 'results.json')
     ckpt = os.path.join(run_dir, 'ckpt.pt')
     train_cmd = None
@@ -283,8 +294,7 @@ def write_table(rows, c, argv, path):
     lines += summary_lines(rows) + ["", "## Commands", ""]
     for r in rows:
         lines += [f"- {r['name']}:"] + [f"  - `{cmd}`" for cmd in r['commands']]
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    save_atomic(('\n'.join(lines) + '\n').encode(), path)
 
 
 def val_loss_figure(rows):
@@ -327,11 +337,6 @@ def val_loss_figure(rows):
     return fig
 
 
-def plot_val_loss(rows, path):
-    import matplotlib.pyplot as plt
-    fig = val_loss_figure(rows)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv):
@@ -341,13 +346,18 @@ def main(argv):
            *[(t not in LORA_TARGETS, f"targets must be among {', '.join(LORA_TARGETS)}, not {t!r}")
              for t in c.targets.split(',')],
            *[(s not in LORA_SCALINGS, f"scalings must be among standard and rslora, not {s!r}")
-             for s in c.scalings.split(',')]])
+             for s in c.scalings.split(',')],
+           (min(c.max_iters, c.batch_size, c.eval_interval, c.eval_iters, c.num_shots, c.eval_batch_size) < 1,
+            "max_iters, batch_size, eval_interval, eval_iters, num_shots and eval_batch_size must be >= 1"),
+           (c.num_samples < 0, f"num_samples must be >= 0 (0: the whole split), not {c.num_samples}"),
+           (min(c.lora_lr, c.full_lr, c.alpha_per_rank) <= 0 or c.fixed_alpha < 0,
+            "lora_lr, full_lr and alpha_per_rank must be > 0, fixed_alpha >= 0")])
     runs = plan(c)
-    clear_stale_runs(runs, c)
-    os.makedirs(c.out_dir, exist_ok=True)
-    rows = [run_one(run, c) for run in runs]
-    write_table(rows, c, argv, os.path.join(c.out_dir, 'results.md'))
-    plot_val_loss(rows, os.path.join(c.out_dir, 'val_loss.png'))
+    with hold_out_dir(c.out_dir, command_line()):
+        clear_stale_runs(runs, c)
+        rows = [run_one(run, c) for run in runs]
+        write_table(rows, c, argv, os.path.join(c.out_dir, 'results.md'))
+        save_figure(val_loss_figure(rows), os.path.join(c.out_dir, 'val_loss.png'))
     print(f"wrote {os.path.join(c.out_dir, 'results.md')} and val_loss.png")
     return rows
 

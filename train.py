@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -28,8 +29,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
-from common import as_config_error, autocast, get_lr, pick_device, pick_dtype, save_atomic
-from configurator import ConfigError, Settings, check, configure, run_cli, settings_of
+from common import (append_line, as_config_error, autocast, command_line, get_lr, hold_out_dir, pick_device, pick_dtype,
+                    read_jsonl, save_atomic, save_figure, write_json)
+from configurator import ConfigError, Interrupted, Settings, check, configure, run_cli, settings_of, stop_signals
 from dataloader import CustomDataLoader, load_splits
 from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
@@ -94,13 +96,30 @@ MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'lo
                   'n_embd', 'block_size')
 MACHINE_SETTINGS = ('device', 'dtype', 'compile')  # a resumed run takes these from its new command line
 
-# Ctrl-C (or Colab's stop button) ends a run at the next step boundary, with a checkpoint
-INTERRUPTED = threading.Event()
+# Ctrl-C, Colab's stop button, SIGTERM (Slurm, Kubernetes, `timeout`) or SIGHUP end a run at the
+# next step boundary, with a checkpoint; a second signal stops it at once
+STOP = {}
 
 
-def on_sigint(signum, frame):
-    INTERRUPTED.set()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+def defer_stop(signum, frame):
+    if STOP:
+        raise Interrupted(signum, "stopped at once; the last complete checkpoint is kept")
+    STOP['signum'] = signum
+
+
+class stops_deferred:
+    """While the block runs, a stop signal is noted (STOP) rather than raised; the handlers before it
+    come back afterwards. Only the main thread can set handlers: elsewhere signals stay as they are."""
+
+    def __enter__(self):
+        STOP.clear()
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {sig: signal.signal(sig, defer_stop) for sig in stop_signals()}
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 def check_settings(c):
@@ -122,6 +141,15 @@ def check_settings(c):
         (c.max_iters < 1 and not c.eval_only, f"max_iters must be >= 1, not {c.max_iters}"),
         (min(c.eval_interval, c.eval_iters, c.log_interval) < 1, "eval_interval, eval_iters and log_interval must be >= 1"),
         (c.learning_rate <= 0, f"learning_rate must be > 0, not {c.learning_rate}"),
+        (not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1), f"beta1 and beta2 must be in [0, 1), not {c.beta1}, {c.beta2}"),
+        (c.weight_decay < 0, f"weight_decay must be >= 0, not {c.weight_decay}"),
+        (c.grad_clip < 0, f"grad_clip must be >= 0 (0 disables clipping), not {c.grad_clip}"),
+        (c.warmup_iters < 0, f"warmup_iters must be >= 0, not {c.warmup_iters}"),
+        (c.lr_decay_iters < 0, f"lr_decay_iters must be >= 0 (0: max_iters), not {c.lr_decay_iters}"),
+        (c.min_lr < 0, f"min_lr must be >= 0 (0: learning_rate / 10), not {c.min_lr}"),
+        (min(c.n_layer, c.n_head, c.n_embd) < 1 or c.n_embd % c.n_head,
+         f"n_layer, n_head and n_embd must be >= 1 with n_embd divisible by n_head, not {c.n_layer}, {c.n_head}, "
+         f"{c.n_embd}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
         (c.checkpoint not in ("auto", "full", "adapter"),
@@ -177,21 +205,14 @@ def setup_runtime(c):
     return rt
 
 
-def prepare_out_dir(c, master):
-    """Refuse to replace another run's checkpoint; make sure out_dir can be written."""
+def check_out_dir(c, master):
+    """Refuse to replace another run's checkpoint (writing waits for hold_out_dir)."""
     ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
     if not master:
         return
     if c.init_from != 'resume' and os.path.exists(ckpt_path) and not c.overwrite:
         raise ConfigError(f"{ckpt_path} already holds a run's checkpoint: continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or pick another --out_dir")
-    try:
-        os.makedirs(c.out_dir, exist_ok=True)
-        with open(os.path.join(c.out_dir, '.write_test'), 'w'):
-            pass
-        os.remove(os.path.join(c.out_dir, '.write_test'))
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir '{c.out_dir}': {e.strerror}; pick another --out_dir") from None
     if c.wandb_run_name and not c.wandb_log:
         print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
               f"Weights & Biases; add --wandb_log=True")
@@ -294,7 +315,12 @@ def forward_backward(model, scaler, batches, n_step, c, rt, stats):
 
 
 def save_checkpoint(path, raw_model, optimizer, scaler, c, run):
-    """ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone."""
+    """ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone. Weights
+    that are not all finite are never saved: a bad update must not replace the last good checkpoint."""
+    bad = next((n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"the weights became non-finite ({bad}) by iteration {run.iter_num}; "
+                                 f"{kept(c.out_dir)}; lower --learning_rate, or use --dtype=float32")
     adapter = c.checkpoint == 'adapter'
     save_atomic({
         'model': lora_state_dict(raw_model) if adapter else raw_model.state_dict(),
@@ -320,24 +346,44 @@ class Progress:
         if ckpt is not None:
             self.iter_num, self.best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
             self.elapsed0 = ckpt.get('elapsed_s', 0.0)
-            self.base_fingerprint = ckpt.get('base_fingerprint', fingerprint)
         self.t_start = time.time()
 
     def elapsed(self):
         return self.elapsed0 + time.time() - self.t_start
 
 
+def kept(out_dir):
+    """What a run that stops on a fault leaves: its last good checkpoint, or none."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    return f"the last good checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint was saved yet"
+
+
+def read_logs(c, iter_num):
+    """The evaluations and log steps a resumed run keeps (those up to its checkpoint); a new run keeps none.
+    Lines that cannot be read (torn by a kill, garbled) are dropped, with one line saying so."""
+    if c.init_from != 'resume':
+        return [], []
+    logs = []
+    for name in ('metrics.jsonl', 'steps.jsonl'):
+        records, dropped = read_jsonl(os.path.join(c.out_dir, name))
+        if dropped:
+            print(f"note: dropped {dropped} unreadable line{'s' * (dropped > 1)} of {os.path.join(c.out_dir, name)}")
+        logs.append([r for r in records if r['iter'] <= iter_num])
+    return logs
+
+
 class RunLog:
     """metrics.jsonl (evaluations), steps.jsonl (log steps), run.json, loss_curve.png and W&B, on rank 0."""
 
-    def __init__(self, c, run, info):
+    def __init__(self, c, run, info, logs):
         self.c, self.run = c, run
         self.metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
         self.steps_path = os.path.join(c.out_dir, 'steps.jsonl')
-        save_atomic(json.dumps(info, indent=2).encode(), os.path.join(c.out_dir, 'run.json'))
+        write_json(info, os.path.join(c.out_dir, 'run.json'))
         # a new run starts new files; a resumed one keeps its past up to its checkpoint
-        self.evals = self._restart(self.metrics_path, c.init_from == 'resume')
-        self.steps = self._restart(self.steps_path, c.init_from == 'resume')
+        self.evals, self.steps = logs
+        for records, path in ((self.evals, self.metrics_path), (self.steps, self.steps_path)):
+            save_atomic(''.join(json.dumps(r) + '\n' for r in records).encode(), path)
         self.wandb = None
         if c.wandb_log:
             import wandb
@@ -346,19 +392,9 @@ class RunLog:
             self.wandb = wandb
             wandb.init(project=c.wandb_project, name=name, config=dict(c))
 
-    def _restart(self, path, resumed):
-        records = []
-        if resumed and os.path.exists(path):
-            with open(path) as f:
-                records = [r for r in map(json.loads, f) if r['iter'] <= self.run.iter_num]
-        with open(path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in records)
-        return records
-
     def _append(self, records, path, rec):
+        append_line(path, rec)
         records.append(rec)
-        with open(path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
 
     def evaluation(self, it, losses, lr):
         print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -416,10 +452,7 @@ def loss_figure(steps, evals, title):
 
 
 def plot_losses(steps, evals, path, title):
-    import matplotlib.pyplot as plt
-    fig = loss_figure(steps, evals, title)
-    save_atomic(fig, path, write=lambda f, fh: f.savefig(fh, format='png', dpi=100))
-    plt.close(fig)
+    save_figure(loss_figure(steps, evals, title), path)
 
 
 def prepare_training(c, rt, raw_model, ckpt):
@@ -455,7 +488,14 @@ def make_loaders(c, rt, data, block_size):
 def main(argv):
     c, ckpt = read_settings(argv)
     rt = setup_runtime(c)
-    prepare_out_dir(c, rt.master)
+    check_out_dir(c, rt.master)
+    # rank 0 holds out_dir: a second command that would write there stops at once
+    with hold_out_dir(c.out_dir, command_line()) if rt.master else nullcontext():
+        return run(c, ckpt, rt)
+
+
+def run(c, ckpt, rt):
+    """Set up the run, with every check before the first write, then train."""
     data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
     raw_model, base_model = build_model(c, ckpt)
     trainable, total, pct = parameter_summary(raw_model)
@@ -472,19 +512,22 @@ def main(argv):
     train_loader, val_loader = make_loaders(c, rt, data, raw_model.config.block_size)
     info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
                 device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
+    logs = read_logs(c, run.iter_num) if rt.master else None
     s = SimpleNamespace(c=c, rt=rt, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, run=run,
-                        train_loader=train_loader, val_loader=val_loader, log=RunLog(c, run, info) if rt.master else None,
+                        train_loader=train_loader, val_loader=val_loader,
+                        log=RunLog(c, run, info, logs) if rt.master else None,
                         ckpt_path=os.path.join(c.out_dir, 'ckpt.pt'), saved=False)
-    interrupted = train_loop(s)
-    if rt.master:
-        s.log.close()
+    with stops_deferred():
+        signum = train_loop(s)
+        if rt.master:
+            s.log.close()
     if rt.ddp:
         torch.distributed.destroy_process_group()
-    return 130 if interrupted else 0
+    return 128 + signum if signum else 0
 
 
 def train_loop(s):
-    """The iterations, nanoGPT's way; True if Ctrl-C stopped them. s: what main() set up."""
+    """The iterations, nanoGPT's way; the number of the signal that stopped them, or 0. s: what main() set up."""
     c, rt, run, train_loader = s.c, s.rt, s.run, s.train_loader
     stats = torch.zeros(2, device=rt.device)  # summed loss and target tokens since the last log step
     start, tokens, t_log = run.iter_num, 0, time.time()
@@ -501,14 +544,16 @@ def train_loop(s):
         if rt.master and eval_due and not logged_before_it_stopped:
             t_log += evaluate_and_save(s, it, lr, trained=it > start and not c.eval_only, last=last)
         if last:
-            return False
-        if stop_requested(rt, it, c.log_interval):
-            check_finite(stats, it, c)  # never save weights that went bad
+            return 0
+        signum = stop_requested(rt, it, c.log_interval)
+        if signum:
+            check_finite(stats, it, c)
             if rt.master:
                 save_checkpoint(s.ckpt_path, s.raw_model, s.optimizer, s.scaler, c, run)
-                print(f"interrupted: saved checkpoint at iteration {it} to {s.ckpt_path}; "
-                      f"continue with --init_from=resume --out_dir={c.out_dir}")
-            return True
+                plot_losses(s.log.steps, s.log.evals, os.path.join(c.out_dir, 'loss_curve.png'), run_title(c))
+                print(f"interrupted ({signal.Signals(signum).name}): saved checkpoint at iteration {it} to "
+                      f"{s.ckpt_path}; continue with --init_from=resume --out_dir={c.out_dir}")
+            return signum
 
         # --- forward, backward, update -------------------------------------------------------
         steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
@@ -534,8 +579,8 @@ def evaluate_and_save(s, it, lr, trained, last):
     c, run, t0 = s.c, s.run, time.time()
     losses = estimate_loss(s.raw_model, {'train': s.train_loader, 'val': s.val_loader}, c, s.rt)
     if not all(map(math.isfinite, losses.values())):
-        raise FloatingPointError(f"the loss became non-finite before iteration {it}; the last good "
-                                 f"checkpoint in {c.out_dir} is kept; lower --learning_rate")
+        raise FloatingPointError(f"the loss became non-finite before iteration {it}; {kept(c.out_dir)}; "
+                                 f"lower --learning_rate")
     s.log.evaluation(it, losses, lr)
     improved = losses['val'] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses['val'])
@@ -547,14 +592,14 @@ def evaluate_and_save(s, it, lr, trained, last):
 
 
 def stop_requested(rt, it, log_interval):
-    """Ctrl-C was pressed; under torchrun every rank learns it at the same log step."""
+    """The number of the stop signal received, or 0; under torchrun every rank learns it at the same log step."""
     if not rt.ddp:
-        return INTERRUPTED.is_set()
+        return STOP.get('signum', 0)
     if it % log_interval:
-        return False
-    flag = torch.tensor([float(INTERRUPTED.is_set())], device=rt.device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
+        return 0
+    flag = torch.tensor([STOP.get('signum', 0)], device=rt.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def check_finite(stats, it, c, grad_norm=None):
@@ -564,11 +609,10 @@ def check_finite(stats, it, c, grad_norm=None):
     bad = 'loss' if not math.isfinite(loss) else 'gradient norm' if grad_norm is not None and \
         not math.isfinite(grad_norm.item()) else None
     if bad:
-        raise FloatingPointError(f"{bad} became non-finite by iteration {it}; the last good checkpoint in "
-                                 f"{c.out_dir} is kept; lower --learning_rate, or use --dtype=float32")
+        raise FloatingPointError(f"{bad} became non-finite by iteration {it}; {kept(c.out_dir)}; "
+                                 f"lower --learning_rate, or use --dtype=float32")
     return loss
 
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGINT, on_sigint)
     sys.exit(run_cli(main, sys.argv[1:], __file__, errors=(FloatingPointError,)))

@@ -67,7 +67,7 @@ def test_bad_data(tiny_ckpt, tmp_path):
     bad.mkdir()
     (bad / "train.csv").write_text("text,label\ngood,1\nbad,7\n")
     (bad / "validation.csv").write_text("text,label\nok,0\n")
-    with pytest.raises(ConfigError, match="label 7 of review 'bad' is not 0"):
+    with pytest.raises(ConfigError, match=r"label 7 of review 'bad' \(row 1 of the 'train' split of .*\) is not 0"):
         train.main(tiny_run(tiny_ckpt, str(bad), tmp_path / "o1"))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -169,8 +169,8 @@ def test_sigint_saves_and_exits_cleanly(tiny_ckpt, reviews, tmp_path):
     p.send_signal(signal.SIGINT)
     out = p.stdout.read()
     assert p.wait(timeout=120) == 130
-    assert "Traceback" not in out and "interrupted: saved checkpoint at iteration" in out
-    n = int(out.split("interrupted: saved checkpoint at iteration ")[1].split()[0])
+    assert "Traceback" not in out and "interrupted (SIGINT): saved checkpoint at iteration" in out
+    n = int(out.split("interrupted (SIGINT): saved checkpoint at iteration ")[1].split()[0])
     assert n >= 4 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == n
 
 
