@@ -112,10 +112,10 @@ def _check_key(key, config, where):
 
 def _coerce(key, value, default, raw=None):
     """value with the type of default, or a ConfigError."""
-    if default is None or value is None or type(value) is type(default):
-        return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"setting '{key}' must be a finite number, not {value}")
+    if default is None or value is None or type(value) is type(default):
+        return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(default, str) and raw is not None:
@@ -180,10 +180,13 @@ def configure(defaults, argv):
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            if defaults[key] is not None and not isinstance(defaults[key], str):
+            if isinstance(defaults[key], float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                value = float(raw)  # a non-finite number gets its own message
+            elif defaults[key] is not None and not isinstance(defaults[key], str):
                 raise ConfigError(f"setting '{key}' expects {type(defaults[key]).__name__} "
                                   f"(like {defaults[key]!r}), got '{raw}'") from None
-            value = raw
+            else:
+                value = raw
         config[key] = _coerce(key, value, defaults[key], raw)
     return config
 
