@@ -17,7 +17,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from common import error_summary, hub_offline, hub_unreachable_hint
+from common import Unreachable, error_summary, hub_offline
 from lora import is_lora_param, lora_state_dict
 from model import GPT, OVERRIDABLE, GPTConfig
 
@@ -45,7 +45,8 @@ def _file_getter(model_type, fail):
             return hf_hub_download(model_type, name, local_files_only=offline)
         except LocalEntryNotFoundError:  # (a kind of EntryNotFoundError) not in the cache, offline
             if name == "config.json":
-                raise fail(hub_unreachable_hint(f"'{model_type}'")) from None
+                raise Unreachable(f"the GPT-2 checkpoint '{model_type}'",
+                                  "pass its local directory with --init_from=DIR") from None
             return None
         except EntryNotFoundError:
             return None

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlparse
 
+import tiktoken
 import torch
 from huggingface_hub import constants
 
@@ -95,7 +96,13 @@ def sync_folder(folder):
 
 
 def _mb(n):
-    return f"{n / 2**20:.1f} MB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} kB"
+
+
+# what to do about a failed write, by its cause
+_WRITE_ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some of your quota",
+                 errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EACCES: "make the folder writable",
+                 errno.EPERM: "make the folder writable", errno.EROFS: "pick a folder on a writable disk"}
 
 
 def save_atomic(obj, path, write=torch.save):
@@ -125,11 +132,21 @@ def save_atomic(obj, path, write=torch.save):
         cause = _os_error(e)
         if isinstance(e, Exception) and cause is not None:
             free = shutil.disk_usage(folder).free
+            advice = _WRITE_ADVICE.get(cause.errno, "fix that")
             raise WriteError(f"cannot write {path}: {cause.strerror or cause} (it needs about "
-                             f"{_mb(_payload_bytes(obj))}, {_mb(free)} free there); free some space and run "
+                             f"{_mb(_payload_bytes(obj))}, {_mb(free)} free there); {advice} and run "
                              f"the command again") from None
         raise
     sync_folder(folder)
+
+
+def log_scale(ax):
+    """A log-scale y axis labelled 1, 2, 5, 10, 20, ... in plain numbers."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    ax.set_yscale('log')
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def save_figure(fig, path):
@@ -210,7 +227,8 @@ def hold_out_dir(out_dir, command):
             try:
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise ConfigError(f"cannot write to out_dir '{out_dir}': {e.strerror}; pick another --out_dir") from None
+                raise ConfigError(f"cannot write to out_dir '{out_dir}': {e.strerror}; "
+                                  f"pick another --out_dir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -263,6 +281,8 @@ def as_config_error(load, *args, **kwargs):
     """load(...), its ValueError (a missing or malformed model, checkpoint or data set) as a ConfigError."""
     try:
         return load(*args, **kwargs)
+    except Unreachable:
+        raise  # fetch_inputs gathers these
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -288,14 +308,53 @@ def hub_offline():
     return _hub_state['offline']
 
 
-def hub_unreachable_hint(what):
-    """The end of the error for something that is neither local nor in the hub cache, offline."""
+def _hub_why():
     if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off'):
-        why = "HF_HUB_OFFLINE is set"
-    else:
-        why = f"the Hugging Face Hub ({urlparse(constants.ENDPOINT).hostname}) cannot be reached"
-    return f"{why} and {what} is not in the local cache: connect to the internet, or download it where " \
-           f"there is one and give its local directory instead"
+        return "HF_HUB_OFFLINE is set"
+    return f"the Hugging Face Hub ({urlparse(constants.ENDPOINT).hostname}) cannot be reached"
+
+
+class Unreachable(ValueError):
+    """
+    A download a command needs that cannot happen (offline, and not in the local cache). thing: what it
+    is ("the data set 'x'"); fix: the flag or variable that gives a local copy instead. fetch_inputs
+    reports every one of them in one line.
+    """
+
+    def __init__(self, thing, fix, why=None):
+        self.thing, self.fix, self.why = thing, fix, why or _hub_why()
+        super().__init__(f"cannot load {thing}: {self.why} and it is not in the local cache: connect to the "
+                         f"internet, or download it where there is one and {fix}")
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding (downloaded once, then read from tiktoken's cache), or Unreachable."""
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:  # requests' errors when offline; a damaged cache
+        raise Unreachable("tiktoken's GPT-2 encoding", "set TIKTOKEN_CACHE_DIR to the folder of its cached files",
+                          f"its download failed ({type(e).__name__})") from None
+
+
+def fetch_inputs(*loads):
+    """
+    The results of loads (functions of no arguments: the data set, the model, the tokenizer), each
+    called in turn. What cannot be downloaded now is reported for all of them at once, in one
+    ConfigError; any other failure at once.
+    """
+    results, missing = [], []
+    for load in loads:
+        try:
+            results.append(load())
+        except Unreachable as e:
+            missing.append(e)
+    if len(missing) == 1:
+        raise ConfigError(str(missing[0]))
+    if missing:
+        raise ConfigError(f"cannot load {len(missing)} things, none in the local cache: " +
+                          "; ".join(f"{e.thing} ({e.why}: {e.fix})" for e in missing) +
+                          "; connect to the internet, or download them where there is one")
+    return results
 
 
 def get_lr(c, it):

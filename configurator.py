@@ -143,7 +143,7 @@ def _run_config_file(path, config, defaults):
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
         exec(code, namespace)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a config file that calls exit() is still a bad config file
         line = next((tb.tb_lineno for tb in _frames(e.__traceback__) if tb.tb_frame.f_code.co_filename == path), "?")
         raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for key, value in namespace.items():

@@ -23,7 +23,7 @@ import re
 import datasets
 import torch
 
-from common import hub_offline, hub_unreachable_hint
+from common import Unreachable, hub_offline
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -119,13 +119,15 @@ def left_pad(prompts, pad_id):
 def load_splits(dataset, splits=("train", "validation")):
     """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
     local = os.path.isdir(dataset)
+    if not local and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+        raise ValueError(f"cannot load data set '{dataset}': no such directory")
     if not local and hub_offline():
         datasets.config.HF_HUB_OFFLINE = True  # the hub cache only: no half a minute of retries
     try:
         data = datasets.load_dataset(dataset)
     except Exception as e:  # datasets raises many types for "not there" and "not readable"
         if not local and datasets.config.HF_HUB_OFFLINE:
-            raise ValueError(f"cannot load data set '{dataset}': {hub_unreachable_hint('it')}") from None
+            raise Unreachable(f"the data set '{dataset}'", "pass its local directory with --dataset=DIR") from None
         where = "local directory" if local else "hub id or local directory"
         cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
         raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}{cause}") from None

@@ -6,13 +6,16 @@ the model generates after the prompt it was trained on.
     python generate.py --init_from=gpt2-medium --out_dir=gpt2-medium-zero-shot   # prompting alone
     python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=gpt2-medium-4-shot
     python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score --num_samples=200
+    python generate.py --init_from=resume --out_dir=gpt-lora-default --review="an utterly charmless film"
 
 A prediction is the label word (positive / negative) that the continuation starts with, ignoring
 leading whitespace and case; a continuation that starts with neither, or also names the other
 label, is wrong and counts as unparseable. mode=score instead compares the probabilities of the two
 label words after the prompt, in one forward pass per batch. num_samples=N evaluates N reviews drawn
 at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
-positions of the reviews evaluated) and out_dir/predictions.jsonl.
+positions of the reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one
+review a line) classifies those texts instead and writes nothing: for each, the label the model
+generates and the probabilities of the two label words after its prompt.
 """
 
 import json
@@ -20,12 +23,12 @@ import os
 import sys
 import time
 
-import tiktoken
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from common import as_config_error, autocast, command_line, hold_out_dir, pick_device, pick_dtype, save_atomic
+from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
+                    pick_dtype, save_atomic)
 from configurator import ConfigError, check, configure, override, run_cli, settings_of
 from dataloader import (LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
                         parse_label, stratified_subset)
@@ -44,6 +47,8 @@ num_shots = 4  # few-shot demonstrations, balanced between the labels, drawn fro
 max_new_tokens = 5
 temperature = 0.0  # 0: greedy decoding; > 0: sampling
 top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
+review = ''  # classify this text instead of a split: its label and both label words' probabilities
+reviews_file = ''  # ... or each line of this file
 seed = 1337  # the reviews of num_samples, the few-shot examples and sampling
 device = 'auto'  # auto: cuda, else mps, else cpu
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
@@ -90,10 +95,19 @@ class ModelSampler:
         self.device = pick_device(c.device)
         self.ctx = autocast(self.device, pick_dtype(c.dtype, self.device))
         self.generator = torch.Generator(self.device).manual_seed(c.seed)
-        self.enc = tiktoken.get_encoding('gpt2')
-        self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
+        own = bool(c.review or c.reviews_file)  # the user's reviews need no split to score
+        splits = ((c.split,) if not own else ()) + (('train',) if c.prompt_style == 'few_shot' else ())
+        loaded = {}
 
-        model, c.dataset, self.progress = load_model(c)
+        def load_data():  # the data set a resumed run was trained on, unless --dataset says otherwise
+            if not splits or ('model' not in loaded and c.init_from == 'resume'):
+                return None  # no data needed, or which one is unknown: the checkpoint's own error says enough
+            dataset = loaded['model'][1] if 'model' in loaded else c.dataset or ROTTEN_TOMATOES
+            return as_config_error(load_splits, dataset, splits)
+        # whatever cannot be downloaded is reported at once
+        self.enc, (model, c.dataset, self.progress), data = fetch_inputs(
+            gpt2_encoding, lambda: loaded.setdefault('model', load_model(c)), load_data)
+        self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
         block = model.config.block_size
         if c.max_new_tokens >= block:
             raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
@@ -101,11 +115,10 @@ class ModelSampler:
         # on the device first: eval() picks the GELU for it, and merges LoRA into W, so inference
         # costs what the model without LoRA costs
         self.model = model.to(self.device).eval()
-        splits = (c.split, 'train') if c.prompt_style == 'few_shot' else (c.split,)
-        data = as_config_error(load_splits, c.dataset, splits)
-        self.split_size = len(data[c.split])
-        self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
-        self.records = data[c.split].select(self.indices)
+        if not own:
+            self.split_size = len(data[c.split])
+            self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
+            self.records = data[c.split].select(self.indices)
         self.demonstrations = ()
         if c.prompt_style == 'few_shot':
             fewest = min(data['train']['label'].count(y) for y in (0, 1))
@@ -182,6 +195,16 @@ class ModelSampler:
             r['prediction'] = None if label is None else LABEL_WORDS[label]
         return recs
 
+    def classify(self, texts):
+        """(label word or None, P(negative), P(positive)) of each text: the label it generates, and the
+        label words' probabilities as the next token after its prompt."""
+        prompts = [self.prompt_ids(t) for t in texts]
+        labels = [parse_label(g) for g in self._continuations(prompts)]
+        idx, mask = self._left_pad(prompts)
+        with self.ctx:
+            probs = self.model.last_logits(idx, mask).float().softmax(dim=-1)[:, self.label_ids].tolist()
+        return [(None if y is None else LABEL_WORDS[y], *p) for y, p in zip(labels, probs)]
+
     def get_accuracy(self, progress=True):
         """(accuracy, positive_count, negative_count); unparseable generations count as wrong."""
         t0 = time.time()
@@ -215,9 +238,28 @@ class ModelSampler:
         return summary
 
 
+def own_reviews(c):
+    """The texts of review and reviews_file, checked before any work."""
+    texts = [c.review] if c.review.strip() else []
+    if c.reviews_file:
+        try:
+            with open(c.reviews_file, encoding='utf-8') as f:
+                texts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read reviews_file {c.reviews_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not texts:
+            raise ConfigError(f"reviews_file {c.reviews_file} holds no review: write one a line")
+    return texts
+
+
 def main(argv):
     c = configure(DEFAULTS, argv)
     check_settings(c)
+    if c.review or c.reviews_file:  # the user's own reviews: printed, nothing written
+        texts = own_reviews(c)
+        for text, (label, p_neg, p_pos) in zip(texts, ModelSampler(**c).classify(texts)):
+            print(f"{label or 'unparseable':<11}  P(negative) {p_neg:.3g}  P(positive) {p_pos:.3g}  {text}")
+        return None
     with hold_out_dir(c.out_dir, command_line()):  # before the work: results that cannot be written stop it now
         sampler = ModelSampler(**c)
         accuracy, pos, neg = sampler.get_accuracy()

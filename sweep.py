@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from common import command_line, hold_out_dir, read_jsonl, save_atomic, save_figure, write_json
+from common import command_line, hold_out_dir, log_scale, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, run_cli, settings_of
 from model import LORA_SCALINGS, LORA_TARGETS
 
@@ -302,7 +302,7 @@ def val_loss_figure(rows):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter
     groups = {}
     for r in rows:
         if r['metrics']:
@@ -321,9 +321,7 @@ def val_loss_figure(rows):
             if len(curves) > 1:
                 ax.fill_between(x, [min(v) for v in zip(*curves)][part], [max(v) for v in zip(*curves)][part],
                                 color=f"C{k}", alpha=0.15)
-    axes[0].set_yscale('log')
-    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    axes[0].yaxis.set_minor_formatter(NullFormatter())
+    log_scale(axes[0])
     axes[0].set_title('validation loss, every evaluation (log scale)')
     axes[1].set_title('after the first evaluation (linear scale)')
     for ax in axes:

@@ -22,15 +22,15 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from types import SimpleNamespace
 
-import tiktoken
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
-from common import (append_line, as_config_error, autocast, command_line, get_lr, hold_out_dir, pick_device, pick_dtype,
-                    read_jsonl, save_atomic, save_figure, write_json)
+from common import (append_line, as_config_error, autocast, command_line, fetch_inputs, get_lr, gpt2_encoding,
+                    hold_out_dir, log_scale, pick_device, pick_dtype, read_jsonl, save_atomic, save_figure, write_json)
 from configurator import ConfigError, Interrupted, Settings, check, configure, run_cli, settings_of, stop_signals
 from dataloader import CustomDataLoader, load_splits
 from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
@@ -427,26 +427,32 @@ def run_title(c):
 
 
 def loss_figure(steps, evals, title):
-    """Training loss at every log step as a line, validation loss as markers, on a log scale with plain labels."""
+    """
+    Training loss at every log step as a line, validation loss as markers: the whole run on a log
+    scale, and beside it the run after its first drop (from the second evaluation on) on a linear
+    scale, where runs differ.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    if steps:
-        ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], '-', lw=1.2, color='tab:blue',
-                label='training (mean since the previous log step)')
-    ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o', ms=6, color='tab:orange',
-            mec='black', mew=0.6, label='validation', zorder=3)
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('loss per target token (log scale)')
-    ax.set_yscale('log')
-    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3, which='both')
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    start = evals[1]['iter'] if len(evals) > 1 else 0
+    for ax, first in zip(axes, (0, start)):
+        later = [r for r in steps if r['iter'] >= first]
+        if later:
+            ax.plot([r['iter'] for r in later], [r['loss'] for r in later], '-', lw=1.2, color='tab:blue',
+                    label='training (mean since the previous log step)')
+        later = [r for r in evals if r['iter'] >= first]
+        ax.plot([r['iter'] for r in later], [r['val_loss'] for r in later], 'o-', ms=5, lw=0.8, color='tab:orange',
+                mec='black', mew=0.6, label='validation', zorder=3)
+        ax.set_xlabel('iteration')
+        ax.grid(alpha=0.3, which='both')
+    log_scale(axes[0])
+    axes[0].set_ylabel('loss per target token')
+    axes[0].set_title('the whole run (log scale)')
+    axes[1].set_title(f'from iteration {start} (linear scale)')
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -477,9 +483,9 @@ def prepare_training(c, rt, raw_model, ckpt):
     return model, optimizer, scaler
 
 
-def make_loaders(c, rt, data, block_size):
+def make_loaders(c, rt, data, enc, block_size):
     """Batches of the train split (this rank's share) and of the validation split."""
-    loader = dict(tokenizer=tiktoken.get_encoding('gpt2'), batch_size=c.batch_size, block_size=block_size,
+    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=block_size,
                   loss_on=c.loss_on, seed=c.seed, bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1))
     return (as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader),
             as_config_error(CustomDataLoader, data['validation'], **loader))
@@ -496,8 +502,9 @@ def main(argv):
 
 def run(c, ckpt, rt):
     """Set up the run, with every check before the first write, then train."""
-    data = as_config_error(load_splits, c.dataset)  # before the model: a bad data set fails fast
-    raw_model, base_model = build_model(c, ckpt)
+    # the data set first: a bad one fails fast; whatever cannot be downloaded is reported at once
+    data, (raw_model, base_model), enc = fetch_inputs(partial(as_config_error, load_splits, c.dataset),
+                                                      partial(build_model, c, ckpt), gpt2_encoding)
     trainable, total, pct = parameter_summary(raw_model)
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
@@ -509,7 +516,7 @@ def run(c, ckpt, rt):
                   f"(base model {base_model}, lora_rank={c.lora_rank})")
     model, optimizer, scaler = prepare_training(c, rt, raw_model, ckpt)
     del ckpt
-    train_loader, val_loader = make_loaders(c, rt, data, raw_model.config.block_size)
+    train_loader, val_loader = make_loaders(c, rt, data, enc, raw_model.config.block_size)
     info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
                 device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
     logs = read_logs(c, run.iter_num) if rt.master else None

@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import pick_device, save_atomic  # noqa: E402
+from common import pick_device, save_atomic, write_json  # noqa: E402
 from configurator import configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, load_splits  # noqa: E402
 from lora import lora_state_dict, mark_only_lora_as_trainable  # noqa: E402
@@ -47,7 +47,7 @@ max_iters = 400  # the default run's
 train_args = ''  # more train.py flags for every variant
 peak_tflops = 0.0  # 0: look it up by the device's name
 device = 'auto'
-out = 'bench/gpu.json'  # relative to the repository's root
+out = 'out-bench/gpu.json'  # docs/ quotes bench/gpu.json, written with --out=bench/gpu.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 CONFIG = os.path.join(ROOT, 'configs', 'finetune_params_config.py')
@@ -164,8 +164,8 @@ def main(argv):
             r['step_over_flop_floor'] = 1 / r['mfu']
         res[v] = r
         print(v, json.dumps(r), flush=True)
-    with open(os.path.join(ROOT, c.out), 'w') as f:
-        json.dump(res, f, indent=2)
+    os.makedirs(os.path.dirname(c.out) or '.', exist_ok=True)
+    write_json(res, c.out)
     return res
 
 

@@ -9,7 +9,8 @@ scaling * B @ A are, layer by layer, as ||dW_x - dW_y|| / ||dW_y|| summed over t
     python bench/lr_vs_alpha.py --init_from=../shared/models/gpt2-imdb-12x256 \
         --dataset=../shared/data/rotten_tomatoes --device=cpu
 
-Writes bench/lr_vs_alpha.json and prints a table.
+Prints a table and writes it as JSON to out_dir/lr_vs_alpha.json (docs/ quotes bench/lr_vs_alpha.json,
+written with --results=bench/lr_vs_alpha.json).
 """
 
 import json
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import load_checkpoint  # noqa: E402
+from common import write_json  # noqa: E402
 from configurator import configure, run_cli, settings_of  # noqa: E402
 from lora import LoRALinear  # noqa: E402
 
@@ -38,7 +40,7 @@ eval_interval = 50
 seed = 1337
 device = 'auto'
 train_args = ''  # more train.py flags for every run
-results = 'bench/lr_vs_alpha.json'  # relative to the repository's root
+results = ''  # the JSON file of the table; '': out_dir/lr_vs_alpha.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 
@@ -83,8 +85,7 @@ def main(argv):
                                                           f'{l} vs baseline': distance(updates[l], updates['baseline'])},
                   settings=dict(c))
     print(json.dumps({k: result[k] for k in ('update_norm', 'distance')}, indent=2))
-    with open(os.path.join(ROOT, c.results), 'w') as f:
-        json.dump(result, f, indent=2)
+    write_json(result, c.results or os.path.join(c.out_dir, 'lr_vs_alpha.json'))
     return result
 
 

@@ -7,8 +7,8 @@ and the test accuracy at the end, both scored on the same prompts with the same 
     python bench/peft_parity.py --init_from=../shared/models/gpt2-imdb-12x256 \
         --dataset=../shared/data/rotten_tomatoes --lora_rank=16 --device=cpu
 
-Needs `peft` (requirements-dev.txt). Adds the run to bench/peft_parity.json (a run with the same
-settings is replaced) and prints it.
+Needs `peft` (requirements-dev.txt). Adds the run to out_dir/peft_parity.json, or to --results=FILE
+(docs/ quotes bench/peft_parity.json), replacing a run with the same settings, and prints it.
 """
 
 import json
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
-from common import get_lr  # noqa: E402
+from common import get_lr, write_json  # noqa: E402
 from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, parse_label, stratified_subset  # noqa: E402
 from model import GPT  # noqa: E402
@@ -49,7 +49,7 @@ num_samples = 0  # test reviews; 0: all
 eval_batch_size = 32
 seed = 1337
 device = 'cpu'
-results = 'bench/peft_parity.json'  # relative to the repository's root
+results = ''  # the JSON file the run is added to; '': out_dir/peft_parity.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 MAX_NEW_TOKENS = 5  # generate.py's default
@@ -151,8 +151,7 @@ def save(result, path):
     same = {k: result['settings'][k] for k in ('init_from', 'dataset', 'lora_rank', 'lora_alpha', 'learning_rate',
                                                'max_iters', 'batch_size', 'num_samples', 'seed')}
     runs = [r for r in runs if {k: r['settings'].get(k) for k in same} != same] + [result]
-    with open(path, 'w') as f:
-        json.dump({'runs': runs}, f, indent=2)
+    write_json({'runs': runs}, path)
 
 
 def main(argv):
@@ -175,7 +174,7 @@ def main(argv):
                   max_relative_val_loss_difference=max(rel.values()),
                   ours_train_s=round(ours_s, 1), peft_train_s=round(peft_s, 1), settings=dict(c))
     print(json.dumps(result, indent=2))
-    save(result, os.path.join(ROOT, c.results))
+    save(result, c.results or os.path.join(c.out_dir, 'peft_parity.json'))
     return result
 
 

@@ -1,7 +1,7 @@
 """
 Speed and memory of this repository against Hugging Face transformers + PEFT, measured side by side
-in one run on the same machine, weights, batches and settings. Writes bench/results.md and
-bench/results.json.
+in one run on the same machine, weights, batches and settings. Writes results.md and results.json
+to out_dir (docs/ quotes bench/results.md, written with --out_dir=bench).
 
     python bench/perf.py                                  # everything, on this machine's CPU or GPU
     python bench/perf.py --only=train,eval --rounds=5     # a part, fewer rounds
@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 
 from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
 from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
-from common import autocast, pick_device  # noqa: E402
+from common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, stratified_subset  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
@@ -60,6 +60,7 @@ eval_batch_size = 32
 device = 'auto'
 seed = 1337
 memory_model = 'gpt2-medium'
+out_dir = 'out-bench'  # where results.md and results.json go
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 PARTS = ('train', 'eval', 'latency', 'memory', 'flops', 'bf16')
@@ -311,10 +312,9 @@ def write_results(res, c, argv, dev):
             r = res['memory'][name]
             parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
             lines.append(row(name, *(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts, r['peak_bytes'] - sum(parts)))))
-    with open(os.path.join(ROOT, 'bench', 'results.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    with open(os.path.join(ROOT, 'bench', 'results.json'), 'w') as f:
-        json.dump(dict(command=cmd, device=dev, results=res), f, indent=2)
+    os.makedirs(c.out_dir, exist_ok=True)
+    save_atomic(('\n'.join(lines) + '\n').encode(), os.path.join(c.out_dir, 'results.md'))
+    write_json(dict(command=cmd, device=dev, results=res), os.path.join(c.out_dir, 'results.json'))
     print('\n'.join(lines))
 
 

@@ -10,9 +10,24 @@ sys.path.insert(0, str(ROOT))
 # tests run scripts from other folders (the notebook's from a copy): a relative cache would be lost there
 if os.environ.get("TIKTOKEN_CACHE_DIR"):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
-SHARED = Path(os.environ.get("LORA_GPT2_SHARED", ROOT.parent / "shared"))
+# the offline assets (../shared/README.md): LORA_GPT2_SHARED names their folder, ../shared by default
+SHARED = Path(os.path.abspath(os.environ.get("LORA_GPT2_SHARED", ROOT.parent / "shared")))
+if not os.environ.get("TIKTOKEN_CACHE_DIR") and (SHARED / "assets" / "tiktoken_cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "assets" / "tiktoken_cache")
 STANDIN = SHARED / "models" / "gpt2-imdb-standin"
 DATA = SHARED / "data" / "rotten_tomatoes"
+
+
+def pytest_sessionstart(session):
+    """Without tiktoken's GPT-2 encoding nearly every test fails: say so once, before collecting them."""
+    import tiktoken
+    try:
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.exit(f"the tests need tiktoken's GPT-2 encoding and its download failed ({type(e).__name__}): set "
+                    f"TIKTOKEN_CACHE_DIR to the folder of its cached files, or LORA_GPT2_SHARED to a folder with "
+                    f"assets/tiktoken_cache ({SHARED} has none), or connect to the internet", returncode=2)
+
 
 needs_standin = pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in model not found at {STANDIN}")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"Rotten Tomatoes files not found at {DATA}")

@@ -1,10 +1,13 @@
 """generate.py: the matching rule, batching, checkpoints, few-shot prompts, results files."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
+import generate
+from configurator import ConfigError
 from conftest import DATA, STANDIN, needs_data, needs_standin
 from dataloader import few_shot_demonstrations, parse_label
 from generate import ModelSampler, main
@@ -137,3 +140,18 @@ def test_the_shared_prompt_start_is_computed_once_and_changes_nothing(tiny_ckpt,
     assert sampler.enc.decode(ids).count("Review:") == 3 and sampler.enc.decode(ids).endswith("Review:")
     preds = sampler.predictions(progress=False)
     assert [r["generation"] for r in preds] == [sampler._continuations([p])[0] for p in prompts]
+
+
+def test_own_reviews_get_a_label_and_two_probabilities_and_nothing_is_written(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("a dull , lifeless mess\n\nan absolute joy to watch\n")
+    generate.main([f"--init_from={tiny_ckpt}", "--review=an utterly charmless film", "--device=cpu",
+                   f"--reviews_file={tmp_path / 'mine.txt'}", f"--out_dir={tmp_path / 'out'}"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("  ")[-1] for line in lines] == ["an utterly charmless film", "a dull , lifeless mess",
+                                                        "an absolute joy to watch"]
+    for line in lines:
+        label, neg, pos = re.match(r"(\w+) +P\(negative\) (\S+) +P\(positive\) (\S+)", line).groups()
+        assert label in ("negative", "positive", "unparseable") and 0 < float(neg) + float(pos) <= 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="cannot read reviews_file .*: No such file or directory"):
+        generate.main([f"--init_from={tiny_ckpt}", f"--reviews_file={tmp_path / 'none.txt'}", "--device=cpu"])

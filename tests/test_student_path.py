@@ -108,13 +108,39 @@ def test_without_a_network_the_hub_fails_at_once_with_advice(tiny_ckpt, reviews,
     code, _, err = cli("train.py", "--init_from=gpt2-medium", f"--dataset={reviews}", f"--out_dir={tmp_path / 'a'}",
                        "--device=cpu", env=env)
     assert code == 2 and err.count("\n") == 1  # no retries, no warnings: one line
-    assert "cannot load a GPT-2 checkpoint from 'gpt2-medium': the Hugging Face Hub (127.0.0.1) cannot be reached " \
-           "and 'gpt2-medium' is not in the local cache" in err and "give its local directory instead" in err
+    assert "cannot load the GPT-2 checkpoint 'gpt2-medium': the Hugging Face Hub (127.0.0.1) cannot be reached " \
+           "and it is not in the local cache" in err and "pass its local directory with --init_from=DIR" in err
     code, _, err = cli("generate.py", f"--init_from={tiny_ckpt}", "--dataset=cornell-movie-review-data/rotten_tomatoes",
                        f"--out_dir={tmp_path / 'b'}", "--device=cpu", env=env)
     assert code == 2 and err.count("\n") == 1
-    assert "cannot load data set 'cornell-movie-review-data/rotten_tomatoes': the Hugging Face Hub (127.0.0.1) " \
-           "cannot be reached and it is not in the local cache" in err
+    assert "cannot load the data set 'cornell-movie-review-data/rotten_tomatoes': the Hugging Face Hub (127.0.0.1) " \
+           "cannot be reached and it is not in the local cache" in err and "with --dataset=DIR" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_tests_find_the_shared_tokenizer_by_themselves_and_say_in_one_line_when_it_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "LORA_GPT2_SHARED")}
+    collect = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "tests/test_lora.py"]
+    if (ROOT.parent / "shared" / "assets" / "tiktoken_cache").is_dir():  # ../shared beside the clone is found
+        p = subprocess.run(collect, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run(collect, cwd=ROOT, env=dict(env, LORA_GPT2_SHARED=str(tmp_path)), capture_output=True,
+                       text=True, timeout=300)
+    lines = [line for line in (p.stdout + "\n" + p.stderr).splitlines() if line.strip()]
+    assert p.returncode == 2 and lines and "TIKTOKEN_CACHE_DIR" in lines[0]
+    assert all("the tests need tiktoken's GPT-2 encoding" in line for line in lines)  # pytest says it on both streams
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_every_download_that_cannot_happen_is_named_in_one_line(tmp_path, script):
+    env = dict(offline_env(tmp_path), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"))
+    code, _, err = cli(script, "--init_from=gpt2-medium", "--dataset=cornell-movie-review-data/rotten_tomatoes",
+                       f"--out_dir={tmp_path / 'out'}", "--device=cpu", env=env)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: cannot load 3 things, none in the local cache: ")
+    for fix in ("--dataset=DIR", "--init_from=DIR", "set TIKTOKEN_CACHE_DIR to the folder of its cached files"):
+        assert fix in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_wandb_settings_without_wandb_log_are_pointed_out(tiny_ckpt, reviews, tmp_path, capsys):

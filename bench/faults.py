@@ -1,0 +1,584 @@
+"""
+Faults a user, a scheduler, a full disk or a second process can cause, tried on the command line of
+train.py, generate.py, export.py and sweep.py: each case's exit status, last line and verdict.
+
+    python bench/faults.py                              # this checkout; the table goes to out-bench/
+    python bench/faults.py --repo=/path/to/other/clone --out_dir=out-bench/other   # another version
+
+A case is clean when the command keeps the README's promises: bad input gets one line `error: ...`
+and a non-zero exit with nothing written, a signal saves and says so, a full disk leaves the old
+file and no temporary, a second command on a held folder refuses, nothing is overwritten without
+being asked to. The model is a random 2-layer GPT-2 and the data a few made-up reviews, so the run
+takes a few minutes on a CPU; tiktoken's GPT-2 encoding must be reachable (TIKTOKEN_CACHE_DIR).
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "tests"))
+
+from configurator import configure, run_cli, settings_of  # noqa: E402
+from common import write_json  # noqa: E402
+
+# -----------------------------------------------------------------------------
+repo = HERE  # the checkout whose scripts are tried
+out_dir = 'out-bench'  # where faults.json and faults.md go
+only = ''  # run only the cases whose family or name contains this
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_of(globals())
+
+CASES = []
+
+
+def case(family, name):
+    def add(f):
+        CASES.append((family, name, f))
+        return f
+    return add
+
+
+class Result:
+    def __init__(self, command, status, out, err):
+        self.command, self.status, self.out, self.err = command, status, out, err
+        lines = [line for line in (err or out).splitlines() if line.strip()]
+        self.last = lines[-1].strip() if lines else ""
+        self.traceback = "Traceback" in out + err
+
+    def error_line(self, status=2):
+        """The promised refusal: exit status, one line `error: ...`, no traceback."""
+        return self.status == status and self.last.startswith("error:") and not self.traceback
+
+
+class Env:
+    """The shared inputs: a tiny model, made-up reviews, a finished LoRA run and a full run."""
+
+    def __init__(self, repo, work):
+        from conftest import save_random_hf_gpt2, write_reviews
+        self.repo, self.work = repo, work
+        self.base = os.path.join(work, "base")
+        save_random_hf_gpt2(self.base)
+        self.data = write_reviews(__import__("pathlib").Path(work, "reviews"))
+        self.long_data = write_reviews(__import__("pathlib").Path(work, "long"), n_test=3000)
+        self.lora = os.path.join(work, "lora-run")
+        self.full = os.path.join(work, "full-run")
+        for run, rank in ((self.lora, 4), (self.full, 0)):
+            r = self.cli("train.py", *self.flags(run, f"--rank={rank}", "--max_iters=4", "--eval_interval=2"))
+            assert r.status == 0, r.out + r.err
+
+    def flags(self, out_dir, *more):
+        return [f"--init_from={self.base}", f"--dataset={self.data}", f"--out_dir={out_dir}", "--device=cpu",
+                "--batch_size=4", "--eval_iters=1", "--rank=4", "--alpha=8", *more]
+
+    def cli(self, script, *args, limit_bytes=None, timeout=180):
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+        command = " ".join([script, *(a.replace(self.work + "/", "") for a in args)])
+        try:
+            p = subprocess.run([sys.executable, script, *args], cwd=self.repo, capture_output=True, text=True,
+                               timeout=timeout, preexec_fn=limit if limit_bytes else None)
+        except subprocess.TimeoutExpired as e:
+            return Result(command, "timeout", e.stdout or "", e.stderr or "")
+        return Result(command, p.returncode, p.stdout, p.stderr)
+
+    def start(self, script, *args, wait_for="iter 2:"):
+        """A running command, once it has printed a line starting with wait_for."""
+        p = subprocess.Popen([sys.executable, script, *args], cwd=self.repo, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith(wait_for):
+                break
+        p.seen = seen
+        return p
+
+    def copy(self, run, w):
+        dest = os.path.join(w, "run")
+        shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
+        return dest
+
+
+def stopped(p, sig, command, timeout=120):
+    p.send_signal(sig)
+    try:
+        out = p.stdout.read()
+        status = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return Result(command, "timeout", "", "")
+    return Result(command, status if status >= 0 else f"killed ({signal.Signals(-status).name})",
+                  "".join(p.seen) + out, "")
+
+
+def leftovers(folder):
+    return [n for n in os.listdir(folder) if ".tmp" in n] if os.path.isdir(folder) else []
+
+
+def ckpt_iter(path):
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["iter_num"]
+    except Exception:
+        return None
+
+
+def same_bytes(path, before):
+    return os.path.exists(path) and open(path, "rb").read() == before
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+def signal_training(e, w, sig, rank=4):
+    run = os.path.join(w, "run")
+    p = e.start("train.py", *e.flags(run, f"--rank={rank}", "--max_iters=100000", "--eval_interval=100000",
+                                      "--log_interval=1"))
+    r = stopped(p, sig, f"train.py --rank={rank} ... then {signal.Signals(sig).name} at iteration 2")
+    it = ckpt_iter(os.path.join(run, "ckpt.pt"))
+    ok = (r.status == 128 + sig and not r.traceback and it is not None and it >= 3
+          and "interrupted" in r.last and not leftovers(run))
+    return r, ok
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    case("signals", f"{_sig.name} during LoRA training saves and exits {128 + _sig}")(
+        lambda e, w, s=_sig: signal_training(e, w, s))
+case("signals", "SIGTERM during full fine-tuning saves and exits 143")(
+    lambda e, w: signal_training(e, w, signal.SIGTERM, rank=0))
+
+
+@case("signals", "two Ctrl-C a moment apart: no traceback, last checkpoint kept")
+def _(e, w):
+    run = os.path.join(w, "run")
+    p = e.start("train.py", *e.flags(run, "--rank=0", "--max_iters=100000", "--eval_interval=1", "--log_interval=1"))
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    r = stopped(p, signal.SIGINT, "train.py --rank=0 --eval_interval=1, then SIGINT twice")
+    return r, r.status == 130 and not r.traceback and ckpt_iter(os.path.join(run, "ckpt.pt")) is not None
+
+
+@case("signals", "SIGTERM, then resume continues from the saved iteration")
+def _(e, w):
+    run = os.path.join(w, "run")
+    p = e.start("train.py", *e.flags(run, "--max_iters=100000", "--eval_interval=100000", "--log_interval=1"))
+    stopped(p, signal.SIGTERM, "")
+    saved = ckpt_iter(os.path.join(run, "ckpt.pt"))
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", f"--max_iters={(saved or 0) + 2}"))
+    return r, saved is not None and r.status == 0 and ckpt_iter(os.path.join(run, "ckpt.pt")) == saved + 2
+
+
+@case("signals", "SIGKILL mid-run leaves a loadable checkpoint")
+def _(e, w):
+    run = os.path.join(w, "run")
+    p = e.start("train.py", *e.flags(run, "--rank=0", "--max_iters=100000", "--eval_interval=1"), wait_for="iter 3")
+    r = stopped(p, signal.SIGKILL, "train.py --rank=0 --eval_interval=1, then SIGKILL")
+    return r, ckpt_iter(os.path.join(run, "ckpt.pt")) is not None
+
+
+@case("signals", "SIGTERM during generate.py's evaluation: one line, no results half-written")
+def _(e, w):
+    out = os.path.join(w, "gen")
+    p = e.start("generate.py", f"--init_from={e.base}", f"--dataset={e.long_data}", f"--out_dir={out}",
+                "--device=cpu", wait_for="evaluating")
+    time.sleep(2)
+    r = stopped(p, signal.SIGTERM, "generate.py on 3000 reviews, then SIGTERM")
+    return r, (r.status == 143 and not r.traceback and "interrupted" in r.last
+               and not os.path.exists(os.path.join(out, "results.json")))
+
+
+@case("signals", "SIGTERM to sweep.py: its training run stops too, no traceback")
+def _(e, w):
+    out = os.path.join(w, "sweep")
+    p = e.start("sweep.py", f"--init_from={e.base}", f"--dataset={e.data}", f"--out_dir={out}", "--device=cpu",
+                "--batch_size=4", "--eval_iters=1", "--ranks=4", "--full_finetune=False", "--zero_shot=False",
+                "--few_shot=False", "--max_iters=100000", "--eval_interval=100000", "--train_args=--log_interval=1",
+                wait_for="lora")  # "lora-r4...: running (output in ...)"
+    time.sleep(8)  # the training run is under way
+    r = stopped(p, signal.SIGTERM, "sweep.py --ranks=4 --full_finetune=False ..., then SIGTERM")
+    time.sleep(1)
+    alive = subprocess.run(["pgrep", "-f", out], capture_output=True).returncode == 0
+    subprocess.run(["pkill", "-9", "-f", out])  # a child left running would slow every later case
+    return r, r.status == 143 and not r.traceback and not alive
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+@case("storage", "full disk while saving a new checkpoint: one line, no temporary")
+def _(e, w):
+    run = os.path.join(w, "run")
+    r = e.cli("train.py", *e.flags(run, "--rank=0", "--max_iters=2", "--eval_interval=1"), limit_bytes=2 ** 20)
+    return r, r.error_line(1) and "ckpt.pt" in r.last and not leftovers(run)
+
+
+@case("storage", "full disk while replacing a checkpoint: the old one intact")
+def _(e, w):
+    run = e.copy(e.full, w)
+    before = open(os.path.join(run, "ckpt.pt"), "rb").read()
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--rank=0", "--max_iters=6", "--eval_interval=2"),
+              limit_bytes=2 ** 20)
+    return r, r.error_line(1) and same_bytes(os.path.join(run, "ckpt.pt"), before) and not leftovers(run)
+
+
+@case("storage", "full disk during a transformers export: one line, no partial model")
+def _(e, w):
+    run = e.copy(e.full, w)
+    r = e.cli("export.py", f"--out_dir={run}", "--format=hf", limit_bytes=2 ** 20)
+    hf = os.path.join(run, "hf")
+    return r, r.error_line(1) and not leftovers(hf) and not os.path.exists(os.path.join(hf, "model.safetensors"))
+
+
+@case("storage", "a disk too full for even the smallest file: one line")
+def _(e, w):
+    r = e.cli("train.py", *e.flags(os.path.join(w, "run"), "--max_iters=2"), limit_bytes=64)
+    return r, r.status in (1, 2) and r.last.startswith("error:") and not r.traceback
+
+
+for _name in ("ckpt.pt.tmp", "run.json.tmp", "loss_curve.png.tmp", "metrics.jsonl.tmp"):
+    @case("storage", f"a symlink planted at {_name} does not redirect the write")
+    def _(e, w, name=_name):
+        run = e.copy(e.lora, w)
+        victim = os.path.join(w, "victim")
+        open(victim, "wb").write(b"precious")
+        os.symlink(victim, os.path.join(run, name))
+        r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
+        return r, r.status == 0 and open(victim, "rb").read() == b"precious"
+
+
+@case("storage", "a symlink planted at .lock is not written through")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    victim = os.path.join(w, "victim")
+    open(victim, "w").write("precious")
+    os.symlink(victim, os.path.join(run, ".lock"))
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
+    return r, not r.traceback and open(victim, "rb").read() == b"precious"
+
+
+@case("storage", "out_dir under a file: refused at once")
+def _(e, w):
+    open(os.path.join(w, "file"), "w").write("x")
+    r = e.cli("train.py", *e.flags(os.path.join(w, "file", "run"), "--max_iters=2"))
+    return r, r.error_line()
+
+
+# --- two commands, one folder --------------------------------------------------------------------
+
+def while_held(e, w, script, *args, status=2):
+    """script run while a training run holds the copy of the LoRA run it is pointed at."""
+    run = e.copy(e.lora, w)
+    holder = e.start("train.py", *e.flags(run, "--init_from=resume", "--max_iters=100000",
+                                          "--eval_interval=100000", "--log_interval=1"), wait_for="iter 5:")
+    try:
+        r = e.cli(script, *(a.replace("RUN", run) for a in args), timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    return r, r.error_line(status)
+
+
+case("concurrency", "a second train.py on a live run's out_dir refuses")(
+    lambda e, w: while_held(e, w, "train.py", *e.flags("RUN", "--init_from=resume", "--max_iters=8")))
+case("concurrency", "a second train.py with --overwrite=True refuses")(
+    lambda e, w: while_held(e, w, "train.py", *e.flags("RUN", "--overwrite=True", "--max_iters=2")))
+case("concurrency", "generate.py on a live run's out_dir refuses")(
+    lambda e, w: while_held(e, w, "generate.py", "--out_dir=RUN", f"--dataset={e.data}", "--device=cpu"))
+case("concurrency", "export.py from a live run refuses")(
+    lambda e, w: while_held(e, w, "export.py", "--out_dir=RUN", "--format=hf"))
+case("concurrency", "sweep.py into a live run's out_dir refuses")(
+    lambda e, w: while_held(e, w, "sweep.py", f"--init_from={e.base}", f"--dataset={e.data}", "--out_dir=RUN",
+                            "--device=cpu", "--ranks=4", "--full_finetune=False", "--max_iters=2"))
+
+
+@case("concurrency", "a lock left by a killed process is taken over")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    holder = e.start("train.py", *e.flags(run, "--init_from=resume", "--max_iters=100000",
+                                          "--eval_interval=100000", "--log_interval=1"), wait_for="iter 5:")
+    holder.kill()
+    holder.wait()
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=8", "--eval_interval=2"))
+    return r, r.status == 0 and ckpt_iter(os.path.join(run, "ckpt.pt")) == 8
+
+
+@case("concurrency", "a stale .lock naming a dead process is taken over")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    json.dump({"pid": dead.pid, "command": "train.py", "since": "earlier"}, open(os.path.join(run, ".lock"), "w"))
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
+    return r, r.status == 0
+
+
+# --- a run's logs --------------------------------------------------------------------------------
+
+def damaged_logs(e, w, name, damage):
+    run = e.copy(e.lora, w)
+    path = os.path.join(run, name)
+    text = open(path).read()
+    open(path, "w").write(damage(text))
+    before = open(os.path.join(run, "run.json"), "rb").read()
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=6", "--eval_interval=2",
+                                   "--log_interval=1"))
+    if r.status != 0:  # a refusal must leave the run as it was
+        return r, r.error_line() and same_bytes(os.path.join(run, "run.json"), before)
+    readable = all(json.loads(line) for line in open(path) if line.strip())
+    return r, not r.traceback and readable
+
+
+case("logs", "trailing blank lines in metrics.jsonl")(
+    lambda e, w: damaged_logs(e, w, "metrics.jsonl", lambda t: t + "\n\n"))
+case("logs", "a torn last line in steps.jsonl")(
+    lambda e, w: damaged_logs(e, w, "steps.jsonl", lambda t: t + '{"iter": 4, "lo'))
+case("logs", "a garbage line in the middle of metrics.jsonl")(
+    lambda e, w: damaged_logs(e, w, "metrics.jsonl", lambda t: t.replace("\n", "\ngarbage\n", 1)))
+case("logs", "a torn last line in metrics.jsonl")(
+    lambda e, w: damaged_logs(e, w, "metrics.jsonl", lambda t: t + '{"iter": 6, "val'))
+case("logs", "an empty steps.jsonl")(
+    lambda e, w: damaged_logs(e, w, "steps.jsonl", lambda t: ""))
+case("logs", "a JSON value that is not an object in steps.jsonl")(
+    lambda e, w: damaged_logs(e, w, "steps.jsonl", lambda t: t + "[1, 2]\n"))
+
+
+# --- exports -------------------------------------------------------------------------------------
+
+@case("export", "import_peft into a folder holding a run refuses; its ckpt.pt unchanged")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    peft = os.path.join(w, "run-peft")
+    assert e.cli("export.py", f"--out_dir={run}", "--format=peft", f"--export_dir={peft}").status == 0
+    before = open(os.path.join(run, "ckpt.pt"), "rb").read()
+    r = e.cli("export.py", "--format=import_peft", f"--adapter={peft}", f"--out_dir={run}")
+    return r, r.error_line() and same_bytes(os.path.join(run, "ckpt.pt"), before)
+
+
+def export_twice(e, w, fmt, overwrite):
+    run = e.copy(e.lora, w)
+    first = e.cli("export.py", f"--out_dir={run}", f"--format={fmt}")
+    if first.status != 0:
+        return first, False
+    r = e.cli("export.py", f"--out_dir={run}", f"--format={fmt}", *(["--overwrite=True"] if overwrite else []))
+    return r, r.status == 0 if overwrite else r.error_line()
+
+
+case("export", "a second --format=hf export refuses to replace the first")(lambda e, w: export_twice(e, w, "hf", False))
+case("export", "a second --format=peft export refuses to replace the first")(
+    lambda e, w: export_twice(e, w, "peft", False))
+case("export", "--overwrite=True replaces an export")(lambda e, w: export_twice(e, w, "hf", True))
+
+
+@case("export", "--format=hf into the run's base model folder refuses, even with --overwrite=True")
+def _(e, w):
+    base = os.path.join(w, "base")
+    shutil.copytree(e.base, base)
+    run = os.path.join(w, "run")
+    assert e.cli("train.py", *e.flags(run, "--max_iters=2", f"--init_from={base}")).status == 0
+    before = open(os.path.join(base, "model.safetensors"), "rb").read()
+    r = e.cli("export.py", f"--out_dir={run}", "--format=hf", f"--export_dir={base}", "--overwrite=True")
+    return r, r.error_line() and same_bytes(os.path.join(base, "model.safetensors"), before)
+
+
+@case("export", "import_peft of a folder that is not an adapter: one line")
+def _(e, w):
+    os.makedirs(os.path.join(w, "junk"))
+    open(os.path.join(w, "junk", "adapter_config.json"), "w").write("{not json")
+    r = e.cli("export.py", "--format=import_peft", f"--adapter={os.path.join(w, 'junk')}",
+              f"--out_dir={os.path.join(w, 'out')}")
+    return r, r.error_line() and not os.path.exists(os.path.join(w, "out"))
+
+
+@case("export", "export of a folder without a run: one line")
+def _(e, w):
+    r = e.cli("export.py", f"--out_dir={os.path.join(w, 'nothing')}", "--format=hf")
+    return r, r.error_line() and not os.path.exists(os.path.join(w, "nothing"))
+
+
+# --- the base fingerprint ------------------------------------------------------------------------
+
+def changed_base(e, w, script):
+    import torch
+    from safetensors.torch import load_file, save_file
+    base = os.path.join(w, "base")
+    shutil.copytree(e.base, base)
+    run = os.path.join(w, "run")
+    assert e.cli("train.py", *e.flags(run, "--max_iters=2", f"--init_from={base}")).status == 0
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    weights["transformer.h.1.mlp.c_fc.weight"][3, 7] += 1e-3
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(base, "model.safetensors"),
+              metadata={"format": "pt"})
+    del torch
+    if script == "train.py":
+        r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=4"))
+    else:
+        r = e.cli("generate.py", f"--out_dir={run}", f"--dataset={e.data}", "--device=cpu")
+    return r, r.error_line()
+
+
+case("fingerprint", "resume on a base with one weight changed refuses")(lambda e, w: changed_base(e, w, "train.py"))
+case("fingerprint", "generate.py on a base with one weight changed refuses")(
+    lambda e, w: changed_base(e, w, "generate.py"))
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def bad_config(text):
+    def run(e, w):
+        path = os.path.join(w, "config.py")
+        open(path, "w").write(text + "\n")
+        out = os.path.join(w, "out")
+        r = e.cli("train.py", path, *e.flags(out, "--max_iters=2"))
+        r.command = f"train.py config.py ({text!r})"
+        return r, r.error_line() and not os.path.exists(out)
+    return run
+
+
+for _text in ("learning_rate = float('nan')", "lora_alpha = float('nan')", "lora_dropout = float('inf')",
+              "max_iters = 10\nbatch_size = = 4", "max_iters = undefined_name", "beta1 = 2.0",
+              "weight_decay = -1.0", "eval_interval = 0", "raise SystemExit(3)", "import nonexistent_module"):
+    case("settings", f"config file: {_text!r}")(bad_config(_text))
+
+
+def bad_flag(script, flag):
+    def run(e, w):
+        out = os.path.join(w, "out")
+        if script == "train.py":
+            r = e.cli("train.py", *e.flags(out, "--max_iters=2", flag))
+        else:
+            r = e.cli("generate.py", f"--init_from={e.base}", f"--dataset={e.data}", f"--out_dir={out}",
+                      "--device=cpu", *flag.split())
+        return r, r.error_line() and not os.path.exists(out)
+    return run
+
+
+for _flag in ("--lr=nan", "--lr=inf", "--beta1=2", "--beta2=-0.5", "--weight_decay=-1", "--grad_clip=-1",
+              "--warmup_iters=-5", "--min_lr=-1e-4", "--lora_dropout=1.5", "--batch_size=0", "--max_iters=-1",
+              "--gradient_accumulation_steps=0", "--eval_iters=0", "--log_interval=0", "--device=gpu",
+              "--lora_targets=everything", "--dtype=float8"):
+    case("settings", f"train.py {_flag}")(bad_flag("train.py", _flag))
+for _flag in ("--max_new_tokens=1000", "--prompt_style=few_shot --num_shots=100",
+              "--prompt_style=few_shot --num_shots=20", "--temperature=-1", "--batch_size=0", "--split=dev"):
+    case("settings", f"generate.py {_flag}")(bad_flag("generate.py", _flag))
+
+
+# --- data, and failing before working ------------------------------------------------------------
+
+def bad_labels(e, w, split, label, script):
+    data = os.path.join(w, "data")
+    os.makedirs(data)
+    for s in ("train", "validation", "test"):
+        open(os.path.join(data, f"{s}.csv"), "w").write(
+            f"text,label\ngreat,1\nawful,0\nodd,{label if s == split else 1}\n")
+    out = os.path.join(w, "out")
+    if script == "train.py":
+        r = e.cli("train.py", *e.flags(out, "--max_iters=2", f"--dataset={data}"))
+    else:
+        r = e.cli("generate.py", f"--init_from={e.base}", f"--dataset={data}", f"--out_dir={out}", "--device=cpu")
+    return r, r.error_line() and not os.path.exists(out)
+
+
+case("data", "a test review labelled -1 stops generate.py before it evaluates")(
+    lambda e, w: bad_labels(e, w, "test", -1, "generate.py"))
+case("data", "a test review labelled 2 stops generate.py before it evaluates")(
+    lambda e, w: bad_labels(e, w, "test", 2, "generate.py"))
+case("data", "a train review labelled 2 stops train.py")(lambda e, w: bad_labels(e, w, "train", 2, "train.py"))
+case("data", "a validation review labelled 'yes' stops train.py")(
+    lambda e, w: bad_labels(e, w, "validation", "yes", "train.py"))
+
+
+@case("data", "a data folder without a test split stops generate.py")
+def _(e, w):
+    data = os.path.join(w, "data")
+    shutil.copytree(e.data, data)
+    os.remove(os.path.join(data, "test.csv"))
+    out = os.path.join(w, "out")
+    r = e.cli("generate.py", f"--init_from={e.base}", f"--dataset={data}", f"--out_dir={out}", "--device=cpu")
+    return r, r.error_line() and not os.path.exists(out)
+
+
+@case("data", "a data set without a text column: one line")
+def _(e, w):
+    data = os.path.join(w, "data")
+    os.makedirs(data)
+    for s in ("train", "validation", "test"):
+        open(os.path.join(data, f"{s}.csv"), "w").write("review,label\ngreat,1\nawful,0\n")
+    r = e.cli("train.py", *e.flags(os.path.join(w, "out"), "--max_iters=2", f"--dataset={data}"))
+    return r, r.error_line() and not os.path.exists(os.path.join(w, "out"))
+
+
+@case("before work", "generate.py with an unwritable out_dir fails before it evaluates")
+def _(e, w):
+    open(os.path.join(w, "file"), "w").write("x")
+    t0 = time.time()
+    r = e.cli("generate.py", f"--init_from={e.base}", f"--dataset={e.long_data}",
+              f"--out_dir={os.path.join(w, 'file', 'out')}", "--device=cpu")
+    return r, r.error_line() and time.time() - t0 < 30
+
+
+for _what, _flag in (("a missing data set", "--dataset=no/such/folder"), ("a missing model", "--init_from=no/such"),
+                     ("a bad device string", "--device=cuda:x")):
+    @case("before work", f"train.py with {_what} leaves no out_dir")
+    def _(e, w, flag=_flag):
+        out = os.path.join(w, "out")
+        r = e.cli("train.py", *e.flags(out, "--max_iters=2", flag))
+        return r, r.error_line() and not os.path.exists(out)
+
+
+@case("before work", "a NaN loss before any checkpoint does not claim one is kept")
+def _(e, w):
+    out = os.path.join(w, "out")
+    r = e.cli("train.py", *e.flags(out, "--max_iters=8", "--eval_interval=1", "--learning_rate=1e30",
+                                   "--warmup_iters=0", "--decay_lr=False", "--grad_clip=0",
+                                   "--always_save_checkpoint=False"))
+    return r, r.status != 0 and not r.traceback and "last good checkpoint" not in r.last
+
+
+@case("before work", "resume of a folder without a run: one line, nothing created")
+def _(e, w):
+    out = os.path.join(w, "nothing")
+    r = e.cli("train.py", *e.flags(out, "--init_from=resume"))
+    return r, r.error_line() and not os.path.exists(out)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    c = configure(DEFAULTS, argv)
+    repo = os.path.abspath(c.repo)
+    with tempfile.TemporaryDirectory() as work:
+        e = Env(repo, work)
+        rows = []
+        for i, (family, name, f) in enumerate(CASES):
+            if c.only and c.only not in family and c.only not in name:
+                continue
+            w = os.path.join(work, f"case{i}")
+            os.makedirs(w)
+            try:
+                r, ok = f(e, w)
+            except Exception as err:  # the harness's own setup failed: the case cannot be judged as clean
+                r, ok = Result(name, "harness", "", f"{type(err).__name__}: {err}"), False
+            last = ("Traceback ... " if r.traceback else "") + r.last.replace(work + "/", "")
+            rows.append(dict(family=family, case=name, command=r.command, status=r.status, last=last[:160],
+                             clean=bool(ok)))
+            print(f"{'clean' if ok else 'BROKE'}  {family:<12} {name}  [{r.status}] {last[:110]}", flush=True)
+    clean = sum(r["clean"] for r in rows)
+    print(f"{clean} of {len(rows)} cases clean ({repo})")
+    os.makedirs(c.out_dir, exist_ok=True)
+    write_json(dict(repo=repo, clean=clean, cases=rows), os.path.join(c.out_dir, "faults.json"))
+    table = ["| family | case | exit | last line | verdict |", "| --- | --- | --- | --- | --- |"]
+    table += [f"| {r['family']} | {r['case']} | {r['status']} | `{r['last'].replace('|', '/')}` | "
+              f"{'clean' if r['clean'] else 'broken'} |" for r in rows]
+    with open(os.path.join(c.out_dir, "faults.md"), "w") as f:
+        f.write("\n".join(table) + f"\n\n{clean} of {len(rows)} clean\n")
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main, sys.argv[1:], __file__))
