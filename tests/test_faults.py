@@ -58,6 +58,11 @@ def test_sigterm_and_sighup_save_like_ctrl_c(tiny_ckpt, reviews, tmp_path, sig):
     n = int(out.split("saved checkpoint at iteration ")[1].split()[0])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == n >= 3
     assert leftovers(tmp_path) == []
+    if sig == signal.SIGTERM:  # an unfinished run is evaluated with a warning, and results.json says where it stood
+        code, out, _ = cli("generate.py", f"--out_dir={tmp_path}", f"--dataset={reviews}", "--device=cpu")
+        assert code == 0 and f"is at iteration {n} of the 100000 its run was set up for: an unfinished run" in out
+        assert {k: json.load(open(tmp_path / "results.json"))[k] for k in ("iter_num", "max_iters")} == \
+            dict(iter_num=n, max_iters=100000)
 
 
 def test_a_second_signal_stops_at_once_without_a_traceback(tiny_ckpt, reviews, tmp_path):

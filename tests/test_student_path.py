@@ -15,7 +15,7 @@ from conftest import ROOT, write_reviews
 from configurator import ConfigError, help_text
 
 SCRIPTS = ["train.py", "generate.py", "sweep.py", "export.py", "model.py", "bench/perf.py", "bench/merge_latency.py",
-           "bench/peft_parity.py", "bench/gpu.py"]
+           "bench/peft_parity.py", "bench/gpu.py", "bench/lr_vs_alpha.py", "bench/faults.py"]
 
 
 def cli(*args, env=None, timeout=300):
@@ -26,7 +26,11 @@ def cli(*args, env=None, timeout=300):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_setting_with_its_default(script):
     text = help_text(str(ROOT / script))
-    assert text.splitlines()[2] == "usage:" and f"python {script}" in text
+    lines = text.splitlines()
+    assert lines[2] == "usage:" and f"python {script}" in text
+    assert lines[0].endswith((".", "?")), lines[0]  # the docstring's whole first paragraph, not its first line
+    usage = lines[3:lines.index("", 3)]
+    assert all(u.startswith(("  python", "  torchrun")) and "  " not in u[2:] for u in usage), usage
     defaults = getattr(importlib.import_module(script[:-3].replace("/", ".")), "DEFAULTS", {})
     for key in defaults:
         assert re.search(rf"^    --{key}=", text, re.M), key
