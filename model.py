@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from configurator import check, configure, run_cli, settings_of
-from lora import LoRALinear, mark_only_lora_as_trainable, parameter_summary
+from lora import LoRALinear, LoRASlicedLinear, mark_only_lora_as_trainable, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -76,9 +76,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        qv = (True, False, True) if config.lora_targets == "qv" else None  # no update for the key
-        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, lora_slices=qv,
-                                 **config.lora(*LORA_TARGETS))
+        if config.lora_targets == "qv":  # the query and value slices of c_attn, no update for the key
+            self.c_attn = LoRASlicedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias,
+                                           lora_slices=(True, False, True), **config.lora("qv"))
+        else:
+            self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **config.lora(*LORA_TARGETS))
         self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn", "attn_mlp"))
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear, lora_state_dict, mark_only_lora_as_trainable
+from lora import LoRALinear, LoRASlicedLinear, lora_state_dict, mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
 
@@ -179,7 +179,8 @@ def test_mark_only_lora_as_trainable():
 def test_slices_adapt_only_their_part_of_the_output():
     # GPT-2's fused c_attn with the LoRA paper's choice: query and value adapted, key untouched
     torch.manual_seed(0)
-    layer = LoRALinear(in_features=8, out_features=3 * 6, lora_rank=2, lora_alpha=4.0, lora_slices=(True, False, True))
+    layer = LoRASlicedLinear(in_features=8, out_features=3 * 6, lora_rank=2, lora_alpha=4.0,
+                             lora_slices=(True, False, True))
     assert layer.lora_A.shape == (2 * 2, 8) and layer.lora_B.shape == (2 * 6, 2)  # (A_q; A_v), (B_q; B_v)
     with torch.no_grad():
         layer.lora_B.normal_()
