@@ -167,3 +167,11 @@ def test_output_folders_of_the_readme_and_notebook_are_ignored_by_git():
 def test_tiktoken_cache_dir_is_absolute_for_scripts_run_elsewhere():
     path = os.environ.get("TIKTOKEN_CACHE_DIR")
     assert path is None or os.path.isabs(path)
+
+
+def test_the_readmes_todo_links_point_at_the_code_they_name():
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| \[([\w./]+)#L(\d+)\]\(\2#L\3\) \|", readme, re.M)
+    assert len(rows) >= 10
+    for code, path, line in rows:
+        assert code in (ROOT / path).read_text().splitlines()[int(line) - 1], (code, path, line)
