@@ -164,17 +164,17 @@ def append_line(path, record):
     """One JSON line at the end of path; a full disk is a WriteError and leaves the file as it was."""
     line = (json.dumps(record) + '\n').encode()
     try:
-        with open(path, 'ab') as f:
+        with open(path, 'ab', buffering=0) as f:  # unbuffered: a failed write is seen here, not at close
             size = f.tell()
             try:
-                f.write(line)
-                f.flush()
+                while line:  # a short write (the disk filling up) is followed by one that fails
+                    line = line[f.write(line):]
             except OSError:
-                f.truncate(size)  # no torn line for the next reader
+                os.ftruncate(f.fileno(), size)  # no torn line for the next reader
                 raise
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror}; free some space, then continue the run "
-                         f"with --init_from=resume") from None
+        raise WriteError(f"cannot write {path}: {e.strerror}; {_WRITE_ADVICE.get(e.errno, 'fix that')}, then "
+                         f"continue the run with --init_from=resume") from None
 
 
 def read_jsonl(path):

@@ -327,3 +327,15 @@ def test_a_failed_command_leaves_no_out_dir_and_the_first_bad_loss_says_no_check
         train.main(flags(tiny_ckpt, reviews, tmp_path / "out", "--max_iters=8", "--eval_interval=1",
                          "--learning_rate=1e30", "--warmup_iters=0", "--decay_lr=False", "--grad_clip=0",
                          "--always_save_checkpoint=False"))
+
+
+def test_a_log_line_that_does_not_fit_leaves_the_log_as_it_was(tmp_path):
+    code = ("import resource, signal, sys; from common import WriteError, append_line\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"append_line({str(tmp_path / 'log.jsonl')!r}, {{'iter': 1}})\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20, 20))\n"
+            f"try:\n    append_line({str(tmp_path / 'log.jsonl')!r}, {{'iter': 2, 'pad': 'x' * 50}})\n"
+            "except WriteError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "File too large; raise the file size limit (ulimit -f)" in p.stdout, p.stdout + p.stderr
+    assert (tmp_path / "log.jsonl").read_text() == '{"iter": 1}\n'  # no torn line
