@@ -50,9 +50,11 @@ def test_sigterm_and_sighup_save_like_ctrl_c(tiny_ckpt, reviews, tmp_path, sig):
     for line in p.stdout:
         if line.startswith("iter 2:"):
             break
+    signalled = time.time()
     p.send_signal(sig)
     out = p.stdout.read()
     assert p.wait(timeout=120) == 128 + sig
+    assert os.path.getmtime(tmp_path / "loss_curve.png") >= signalled  # redrawn to the checkpoint's iteration
     name = signal.Signals(sig).name
     assert "Traceback" not in out and f"interrupted ({name}): saved checkpoint at iteration" in out
     n = int(out.split("saved checkpoint at iteration ")[1].split()[0])
