@@ -231,11 +231,13 @@ def test_the_loss_plot_reads_at_a_glance(tiny_ckpt, reviews, tmp_path):
     assert [r["iter"] for r in steps] == [0, 1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 5]
     config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
     fig = train.loss_figure(steps, evals, train.run_title(Settings(config)))
-    ax = fig.axes[0]
+    ax, later = fig.axes  # the whole run on a log scale, and from the second evaluation on, linear
     training, validation = ax.get_lines()
     assert list(training.get_xdata()) == [0, 1, 2, 3, 4] and training.get_linestyle() == "-"
-    assert list(validation.get_xdata()) == [0, 5] and validation.get_linestyle() == "None"  # markers, no line
-    assert ax.get_title() == "LoRA r=4, alpha=8, lr 0.03"
+    assert list(validation.get_xdata()) == [0, 5] and validation.get_marker() == "o"
+    assert ax.get_yscale() == "log" and later.get_yscale() == "linear"
+    assert [list(line.get_xdata()) for line in later.get_lines()] == [[5]]  # no training step at 5 or later
+    assert fig._suptitle.get_text() == "LoRA r=4, alpha=8, lr 0.03"
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels and not any("^" in t or "$" in t for t in labels)  # 5, not 5x10^0
