@@ -17,7 +17,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from common import Unreachable, error_summary, hub_offline
+from common import Unreachable, error_summary, hub_offline, not_a_hub_id
 from lora import is_lora_param, lora_state_dict
 from model import GPT, OVERRIDABLE, GPTConfig
 
@@ -36,7 +36,7 @@ def _file_getter(model_type, fail):
             path = os.path.join(model_type, name)
             return path if os.path.isfile(path) else None
         return fetch
-    if model_type.startswith((".", "/", "~")) or model_type.count("/") > 1:
+    if not_a_hub_id(model_type):
         raise fail("no such directory")
     offline = hub_offline()
 

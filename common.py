@@ -290,13 +290,17 @@ def as_config_error(load, *args, **kwargs):
 _hub_state = {}
 
 
+def _hub_offline_set():
+    return os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off')
+
+
 def hub_offline():
     """
     True when the Hugging Face Hub must not be asked: HF_HUB_OFFLINE is set, or one attempt to reach
     it failed. Without this check a machine with no network spends half a minute in the hub
     client's retries before it fails.
     """
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off'):
+    if _hub_offline_set():
         return True
     if 'offline' not in _hub_state:
         url = urlparse(constants.ENDPOINT)
@@ -308,8 +312,13 @@ def hub_offline():
     return _hub_state['offline']
 
 
+def not_a_hub_id(name):
+    """True for a name that can only be a path (./x, /x, ~/x, a/b/c): missing, it is no such directory."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _hub_why():
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no', 'off'):
+    if _hub_offline_set():
         return "HF_HUB_OFFLINE is set"
     return f"the Hugging Face Hub ({urlparse(constants.ENDPOINT).hostname}) cannot be reached"
 

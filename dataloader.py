@@ -23,7 +23,7 @@ import re
 import datasets
 import torch
 
-from common import Unreachable, hub_offline
+from common import Unreachable, hub_offline, not_a_hub_id
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -119,7 +119,7 @@ def left_pad(prompts, pad_id):
 def load_splits(dataset, splits=("train", "validation")):
     """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
     local = os.path.isdir(dataset)
-    if not local and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+    if not local and not_a_hub_id(dataset):
         raise ValueError(f"cannot load data set '{dataset}': no such directory")
     if not local and hub_offline():
         datasets.config.HF_HUB_OFFLINE = True  # the hub cache only: no half a minute of retries

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
-                    pick_dtype, save_atomic)
+                    pick_dtype, save_atomic, write_json)
 from configurator import ConfigError, check, configure, override, run_cli, settings_of
 from dataloader import (LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
                         parse_label, stratified_subset)
@@ -232,7 +232,7 @@ class ModelSampler:
                        num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
                        **(dict(iter_num=self.progress[0], max_iters=self.progress[1]) if self.progress else {}),
                        reviews=self.indices if n < self.split_size else 'all')  # positions in the split
-        save_atomic(json.dumps(summary, indent=2).encode() + b'\n', os.path.join(out_dir, 'results.json'))
+        write_json(summary, os.path.join(out_dir, 'results.json'))
         lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
         save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
         return summary

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
@@ -66,8 +67,8 @@ class Env:
         self.repo, self.work = repo, work
         self.base = os.path.join(work, "base")
         save_random_hf_gpt2(self.base)
-        self.data = write_reviews(__import__("pathlib").Path(work, "reviews"))
-        self.long_data = write_reviews(__import__("pathlib").Path(work, "long"), n_test=3000)
+        self.data = write_reviews(Path(work, "reviews"))
+        self.long_data = write_reviews(Path(work, "long"), n_test=3000)
         self.lora = os.path.join(work, "lora-run")
         self.full = os.path.join(work, "full-run")
         for run, rank in ((self.lora, 4), (self.full, 0)):
@@ -405,7 +406,6 @@ def _(e, w):
 # --- the base fingerprint ------------------------------------------------------------------------
 
 def changed_base(e, w, script):
-    import torch
     from safetensors.torch import load_file, save_file
     base = os.path.join(w, "base")
     shutil.copytree(e.base, base)
@@ -415,7 +415,6 @@ def changed_base(e, w, script):
     weights["transformer.h.1.mlp.c_fc.weight"][3, 7] += 1e-3
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(base, "model.safetensors"),
               metadata={"format": "pt"})
-    del torch
     if script == "train.py":
         r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=4"))
     else:
