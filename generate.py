@@ -247,8 +247,9 @@ def own_reviews(c):
                 texts += [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read reviews_file {c.reviews_file}: {getattr(e, 'strerror', None) or e}") from None
-        if not texts:
-            raise ConfigError(f"reviews_file {c.reviews_file} holds no review: write one a line")
+    if not texts:
+        raise ConfigError(f"reviews_file {c.reviews_file} holds no review: write one a line" if c.reviews_file
+                          else "review is blank: give the text to classify, e.g. --review=\"a charmless film\"")
     return texts
 
 

@@ -155,3 +155,5 @@ def test_own_reviews_get_a_label_and_two_probabilities_and_nothing_is_written(ti
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="cannot read reviews_file .*: No such file or directory"):
         generate.main([f"--init_from={tiny_ckpt}", f"--reviews_file={tmp_path / 'none.txt'}", "--device=cpu"])
+    with pytest.raises(ConfigError, match="review is blank"):
+        generate.main([f"--init_from={tiny_ckpt}", "--review=  ", "--device=cpu"])
