@@ -67,6 +67,17 @@ class Settings(dict):
 
     __setattr__ = dict.__setitem__
 
+    def frozen(self):
+        """These settings, read-only: once checked, a setting that changes is a bug."""
+        return FrozenSettings(self)
+
+
+class FrozenSettings(Settings):
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("settings are read-only once checked")
+
+    __setitem__ = __setattr__ = __delitem__ = update = pop = setdefault = _refuse
+
 
 def settings_of(namespace):
     """A script's settings: the names assigned between its two `# ---` lines, with their values in namespace
@@ -89,6 +100,11 @@ def _settings_block(script):
             key, value = (part.strip() for part in line[:node.end_col_offset].split("=", 1))
             out.append((key, value, line[node.end_col_offset:].strip().lstrip("#").strip()))
     return out
+
+
+def one_of(name, value, choices):
+    """The check() rule that value is one of choices."""
+    return value not in choices, f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}"
 
 
 def check(rules):

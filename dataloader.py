@@ -31,6 +31,7 @@ datasets.disable_progress_bars()
 LABEL_WORDS = ("negative", "positive")  # label 0, label 1
 INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
 LOSS_ON = ("label", "all")
+EVAL_MODES = ("generate", "score")  # how generate.py reads an answer: the words generated, or the likelier label word
 LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
 
 

@@ -27,9 +27,10 @@ from contextlib import ExitStack
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save
 
-from checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, load_checkpoint, peft_target_modules
+from checkpoint import load_checkpoint
 from common import as_config_error, command_line, hold_out_dir, hub_offline, save_atomic, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
+from hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules
 from lora import LoRALinear, is_lora_param, lora_state_dict
 from model import GPT
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint
 from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
                     pick_dtype, save_atomic, write_json)
-from configurator import ConfigError, check, configure, override, run_cli, settings_of
-from dataloader import (LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
+from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
+from dataloader import (EVAL_MODES, LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
                         parse_label, stratified_subset)
 from model import GPT
 
@@ -64,9 +64,8 @@ def check_settings(c):
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.temperature < 0, f"temperature must be >= 0 (0 is greedy), not {c.temperature}"),
         (c.top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {c.top_k}"),
-        (c.mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {c.mode!r}"),
-        (c.prompt_style not in ('zero_shot', 'few_shot'),
-         f"prompt_style must be 'zero_shot' or 'few_shot', not {c.prompt_style!r}"),
+        one_of('mode', c.mode, EVAL_MODES),
+        one_of('prompt_style', c.prompt_style, ('zero_shot', 'few_shot')),
         (c.prompt_style == 'few_shot' and c.num_shots < 1, f"num_shots must be >= 1 for few_shot, not {c.num_shots}"),
     ])
 
@@ -112,9 +111,8 @@ class ModelSampler:
         if c.max_new_tokens >= block:
             raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
                               f"context of {block} tokens; use --max_new_tokens=5")
-        # on the device first: eval() picks the GELU for it, and merges LoRA into W, so inference
-        # costs what the model without LoRA costs
-        self.model = model.to(self.device).eval()
+        # eval() merges LoRA into W, so inference costs what the model without LoRA costs
+        self.model = model.to(self.device).eval().use_fast_gelu(self.device == 'cpu')
         if not own:
             self.split_size = len(data[c.split])
             self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)

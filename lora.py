@@ -166,8 +166,9 @@ class LoRASlicedLinear(LoRALinear):
         return super().extra_repr() + (f", lora_slices={self.lora_slices}" if self.is_lora() else "")
 
 
-def is_lora_param(name):
-    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+def is_lora_param(name, *kinds):
+    """Whether a parameter's name is a LoRA matrix's: lora_A or lora_B, or only the kinds given."""
+    return name.rsplit(".", 1)[-1] in (kinds or ("lora_A", "lora_B"))
 
 
 def mark_only_lora_as_trainable(model):

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import check, configure, run_cli, settings_of
-from lora import LoRALinear, LoRASlicedLinear, mark_only_lora_as_trainable, parameter_summary
+from configurator import check, configure, one_of, run_cli, settings_of
+from hf_checkpoint import read_hf_checkpoint
+from lora import LoRALinear, LoRASlicedLinear, is_lora_param, mark_only_lora_as_trainable, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -118,7 +119,7 @@ class MLP(nn.Module):
         self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
         self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
         self.dropout = nn.Dropout(config.dropout)
-        self.gelu = gelu  # GPT.train() picks the GELU for the mode and device
+        self.gelu = gelu  # GPT.use_fast_gelu() swaps it for inference on a CPU
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -210,34 +211,43 @@ class GPT(nn.Module):
             presents.append(kv)
         return self.transformer.ln_f(x), presents
 
-    def forward(self, idx, targets=None, targets_only=False, positions=None):
+    def forward(self, idx, targets=None, positions=None):
         """
-        (logits, loss). Without targets: logits of the last position only (inference). With targets
-        (-1 = ignore): logits of every position; or, with targets_only=True, only of the positions that
-        have a target, as (N, vocab), which skips most of the LM head when few tokens are learned and
-        the last block's work on the columns before the first target. positions: target_positions(targets)
-        computed beforehand where the targets are (train.py: on the host), so that the device never
-        waits to learn them; it implies targets_only.
+        (logits, loss), as in nanoGPT. Without targets: the logits of the last position (inference).
+        With targets (-1 = ignore): the logits of every position and the mean loss of the targets.
+        positions=target_positions(targets) asks for label_loss instead (the same loss, computed only
+        where the targets are); it goes through forward so that DDP and torch.compile see it.
         """
+        if positions is not None:
+            return self.label_loss(idx, targets, positions)
         if targets is None:
             x, _ = self.hidden_states(idx, first=idx.size(1) - 1)
             return self.lm_head(x), None
-        if targets_only or positions is not None:
-            first, index = positions or target_positions(targets, trim=not torch.compiler.is_compiling())
-            x, _ = self.hidden_states(idx, first=first)
-            logits = self.lm_head(x.reshape(-1, x.size(-1))[index])
-            return logits, F.cross_entropy(logits, targets[:, first:].reshape(-1)[index])
         x, _ = self.hidden_states(idx)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def train(self, mode=True):
-        super().train(mode)
-        # the GELU follows the mode: for inference on a CPU the faster form of the same function
-        act = gelu_sigmoid if not mode and self.lm_head.weight.device.type == "cpu" else gelu
+    def label_loss(self, idx, targets, positions):
+        """
+        (logits (N, vocab) of the N target positions, their mean loss): forward's loss at a fraction of
+        its cost when few tokens are targets, as in fine-tuning on the label word. The LM head (50,257
+        outputs) runs at the targets only, the last block from the first column that holds one.
+        positions: target_positions(targets), found wherever the targets are (train.py does it on the
+        host before a batch moves, so the GPU never waits to learn them).
+        """
+        first, index = positions
+        x, _ = self.hidden_states(idx, first=first)
+        logits = self.lm_head(x.reshape(-1, x.size(-1))[index])
+        return logits, F.cross_entropy(logits, targets[:, first:].reshape(-1)[index])
+
+    def use_fast_gelu(self, on=True):
+        """
+        For inference on a CPU: GPT-2's GELU in the form gelu_sigmoid, twice as fast there; its
+        backward is slower, so training keeps F.gelu. generate.py turns it on when it runs on a CPU.
+        """
         for block in self.transformer.h:
-            block.mlp.gelu = act
+            block.mlp.gelu = gelu_sigmoid if on else gelu
         return self
 
     def crop_block_size(self, block_size):
@@ -252,8 +262,23 @@ class GPT(nn.Module):
         GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory.
         override_args may set dropout and the LoRA settings; the rest comes from the checkpoint.
         """
-        import checkpoint  # checkpoint.py reads the files and builds on this module, so not at the top
-        return checkpoint.from_pretrained(model_type, override_args, cls)
+        override_args = dict(override_args or {})
+        unknown = sorted(set(override_args) - set(OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"from_pretrained cannot override {', '.join(unknown)}; "
+                             f"only {', '.join(OVERRIDABLE)} can be set, the rest comes from the checkpoint")
+        config_args, sd_hf = read_hf_checkpoint(model_type)
+        model = cls(GPTConfig(**config_args, **override_args))
+        sd = model.state_dict()
+        expected = {k for k in sd if not is_lora_param(k) and k != "lm_head.weight"}  # the head is tied to wte
+        missing = expected - set(sd_hf)
+        if missing:
+            raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for k in expected:
+                assert sd_hf[k].shape == sd[k].shape, f"{k}: checkpoint {tuple(sd_hf[k].shape)}, model {tuple(sd[k].shape)}"
+                sd[k].copy_(sd_hf[k])
+        return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lora_plus_ratio=1.0):
         """
@@ -261,9 +286,9 @@ class GPT(nn.Module):
         group has an lr_scale: the LoRA B matrices' is lora_plus_ratio (LoRA+), the others' 1.
         """
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [dict(params=[p for n, p in params if p.dim() >= 2 and not n.endswith("lora_B")],
+        groups = [dict(params=[p for n, p in params if p.dim() >= 2 and not is_lora_param(n, "lora_B")],
                        weight_decay=weight_decay, lr_scale=1.0),
-                  dict(params=[p for n, p in params if n.endswith("lora_B")], weight_decay=weight_decay,
+                  dict(params=[p for n, p in params if is_lora_param(n, "lora_B")], weight_decay=weight_decay,
                        lr_scale=lora_plus_ratio),
                   dict(params=[p for n, p in params if p.dim() < 2], weight_decay=0.0, lr_scale=1.0)]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -379,8 +404,7 @@ def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
 
 def print_parameter_table(argv):
     c = configure(settings_of(globals()), argv)
-    check([(c.lora_targets not in LORA_TARGETS, f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not "
-                                                f"{c.lora_targets!r}")])
+    check([one_of("lora_targets", c.lora_targets, LORA_TARGETS)])
     print(f"LoRA on {c.lora_targets}")
     print(f"{'model':<12} {'rank':>4} {'trainable':>12} {'total':>15} {'trainable %':>12}")
     for name in PRETRAINED_SHAPES:

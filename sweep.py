@@ -27,7 +27,8 @@ import sys
 import time
 
 from common import command_line, hold_out_dir, log_scale, read_jsonl, save_atomic, save_figure, write_json
-from configurator import ConfigError, Interrupted, check, configure, run_cli, settings_of
+from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
+from dataloader import EVAL_MODES
 from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
@@ -339,12 +340,10 @@ def val_loss_figure(rows):
 
 def main(argv):
     c = configure(DEFAULTS, argv)
-    check([(c.mode not in ('generate', 'score'), f"mode must be 'generate' or 'score', not {c.mode!r}"),
+    check([one_of('mode', c.mode, EVAL_MODES),
            (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'"),
-           *[(t not in LORA_TARGETS, f"targets must be among {', '.join(LORA_TARGETS)}, not {t!r}")
-             for t in c.targets.split(',')],
-           *[(s not in LORA_SCALINGS, f"scalings must be among standard and rslora, not {s!r}")
-             for s in c.scalings.split(',')],
+           *[one_of('each of targets', t, LORA_TARGETS) for t in c.targets.split(',')],
+           *[one_of('each of scalings', s, LORA_SCALINGS) for s in c.scalings.split(',')],
            (min(c.max_iters, c.batch_size, c.eval_interval, c.eval_iters, c.num_shots, c.eval_batch_size) < 1,
             "max_iters, batch_size, eval_interval, eval_iters, num_shots and eval_batch_size must be >= 1"),
            (c.num_samples < 0, f"num_samples must be >= 0 (0: the whole split), not {c.num_samples}"),

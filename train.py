@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from types import SimpleNamespace
 
@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
 from common import (append_line, as_config_error, autocast, command_line, fetch_inputs, get_lr, gpt2_encoding,
                     hold_out_dir, log_scale, pick_device, pick_dtype, read_jsonl, save_atomic, save_figure, write_json)
-from configurator import ConfigError, Interrupted, Settings, check, configure, run_cli, settings_of, stop_signals
-from dataloader import CustomDataLoader, load_splits
+from configurator import ConfigError, Interrupted, Settings, check, configure, one_of, run_cli, settings_of, stop_signals
+from dataloader import LOSS_ON, CustomDataLoader, load_splits
 from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
 
@@ -128,9 +128,8 @@ def check_settings(c):
         (c.lora_rank < 0, f"lora_rank must be >= 0 (0 means full fine-tuning), not {c.lora_rank}"),
         (c.lora_rank > 0 and c.lora_alpha <= 0, f"lora_alpha must be > 0 when lora_rank > 0, not {c.lora_alpha}"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), not {c.lora_dropout}"),
-        (c.lora_targets not in LORA_TARGETS,
-         f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not {c.lora_targets!r}"),
-        (c.lora_scaling not in LORA_SCALINGS, f"lora_scaling must be standard or rslora, not {c.lora_scaling!r}"),
+        one_of('lora_targets', c.lora_targets, LORA_TARGETS),
+        one_of('lora_scaling', c.lora_scaling, LORA_SCALINGS),
         (c.lora_plus_ratio <= 0, f"lora_plus_ratio must be > 0 (1 is plain LoRA), not {c.lora_plus_ratio}"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
@@ -151,9 +150,8 @@ def check_settings(c):
          f"n_layer, n_head and n_embd must be >= 1 with n_embd divisible by n_head, not {c.n_layer}, {c.n_head}, "
          f"{c.n_embd}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
-        (c.loss_on not in ("label", "all"), f"loss_on must be 'label' or 'all', not {c.loss_on!r}"),
-        (c.checkpoint not in ("auto", "full", "adapter"),
-         f"checkpoint must be 'auto', 'full' or 'adapter', not {c.checkpoint!r}"),
+        one_of('loss_on', c.loss_on, LOSS_ON),
+        one_of('checkpoint', c.checkpoint, ('auto', 'full', 'adapter')),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
     ])
@@ -161,16 +159,19 @@ def check_settings(c):
 
 def read_settings(argv):
     """
-    (settings, checkpoint or None). For init_from=resume the run's saved settings are the defaults and
-    the command line overrides them: a change to the model is an error, and a change that makes the
-    run differ from an uninterrupted one is said in one line.
+    (settings, checkpoint or None), the settings checked and read-only from here on. For
+    init_from=resume the run's saved settings are the defaults and the command line overrides them: a
+    change to the model is an error, and a change that makes the run differ from an uninterrupted one
+    is said in one line.
     """
     c = configure(DEFAULTS, argv)
     check_settings(c)
     if c.init_from != 'resume':
-        return c, None
-    ckpt = as_config_error(read_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
-    saved = {k: v for k, v in ckpt.get('config', {}).items() if k in DEFAULTS and k not in MACHINE_SETTINGS}
+        return resolved(c, c.init_from), None
+    ckpt = as_config_error(read_checkpoint, ckpt_path(c.out_dir))
+    # an imported adapter's checkpoint has no settings of its own, only its model's
+    saved = {k: ckpt['model_args'][k] for k in OVERRIDABLE if k in ckpt['model_args']}
+    saved.update((k, v) for k, v in ckpt.get('config', {}).items() if k in DEFAULTS and k not in MACHINE_SETTINGS)
     c = configure(Settings(DEFAULTS, **{**saved, 'init_from': 'resume', 'out_dir': c.out_dir}), argv)
     check_settings(c)
     changed = [k for k in saved if c[k] != saved[k] and k not in HARMLESS]
@@ -184,7 +185,18 @@ def read_settings(argv):
         notes.append(f"max_iters {saved['max_iters']} -> {c.max_iters} moves the end of the learning-rate decay")
     if notes and int(os.environ.get('RANK', 0)) == 0:
         print(f"note: resuming with {'; '.join(notes)}: the run will differ from one that was never interrupted")
-    return c, ckpt
+    return resolved(c, ckpt.get('base_model')), ckpt
+
+
+def resolved(c, base_model):
+    """The settings frozen, checkpoint='auto' made what it stands for: an adapter for LoRA on a pretrained model."""
+    if c.checkpoint == 'auto':
+        c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
+    return c.frozen()
+
+
+def ckpt_path(out_dir):
+    return os.path.join(out_dir, 'ckpt.pt')
 
 
 def setup_runtime(c):
@@ -207,11 +219,10 @@ def setup_runtime(c):
 
 def check_out_dir(c, master):
     """Refuse to replace another run's checkpoint (writing waits for hold_out_dir)."""
-    ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
     if not master:
         return
-    if c.init_from != 'resume' and os.path.exists(ckpt_path) and not c.overwrite:
-        raise ConfigError(f"{ckpt_path} already holds a run's checkpoint: continue it with --init_from=resume, "
+    if c.init_from != 'resume' and os.path.exists(ckpt_path(c.out_dir)) and not c.overwrite:
+        raise ConfigError(f"{ckpt_path(c.out_dir)} already holds a run's checkpoint: continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or pick another --out_dir")
     if c.wandb_run_name and not c.wandb_log:
         print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
@@ -223,10 +234,8 @@ def build_model(c, ckpt):
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
     lora = {k: c[k] for k in OVERRIDABLE}  # dropout and the LoRA settings
     if ckpt is not None:
-        model = as_config_error(model_from_checkpoint, ckpt, os.path.join(c.out_dir, 'ckpt.pt'))
+        model = as_config_error(model_from_checkpoint, ckpt, ckpt_path(c.out_dir))
         base_model = ckpt['base_model']
-        for k in OVERRIDABLE:
-            c[k] = getattr(model.config, k)  # an imported adapter's checkpoint has no settings of its own
     elif c.init_from == 'scratch':
         model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024, **lora))
         base_model = 'scratch'
@@ -257,69 +266,12 @@ def store_frozen_weights_in(model, dtype):
             module.weight.data = module.weight.data.to(getattr(torch, dtype))
 
 
-@torch.no_grad()
-def estimate_loss(model, loaders, c, rt):
-    """Mean loss per target token over eval_iters batches of each split, dropout off, LoRA un-merged."""
-    out = {}
-    with evaluating(model):
-        for split, loader in loaders.items():
-            total, count = torch.zeros((), device=rt.device), 0
-            for _, (x, y) in zip(range(c.eval_iters), loader):
-                first, index = target_positions(y)
-                with rt.ctx:
-                    _, loss = model(x.to(rt.device), y.to(rt.device), positions=(first, index.to(rt.device)))
-                total += loss.float() * len(index)
-                count += len(index)
-            out[split] = total.item() / count
-    return out
-
-
-def train_step(model, optimizer, scaler, batches, n_step, c, rt, stats):
-    """
-    One optimizer step over the micro-batches, without a host-device sync: where the targets are is
-    found on the host before a batch moves; the summed loss and target count go to stats on the device.
-    The loss is normalised by the target tokens of the whole step (n_step, every rank's), so the
-    gradient is the same for any split of the same examples over micro-batches and processes.
-    """
-    try:
-        forward_backward(model, scaler, batches, n_step, c, rt, stats)
-    except torch.cuda.OutOfMemoryError:
-        raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size={max(1, c.batch_size // 2)} "
-                          f"--gradient_accumulation_steps={2 * c.gradient_accumulation_steps} (the same step in "
-                          f"smaller pieces)") from None
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group['params']]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
-    scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped, by design
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def forward_backward(model, scaler, batches, n_step, c, rt, stats):
-    """Gradients of the step's loss, micro-batch by micro-batch; their losses and target counts added to stats."""
-    for m, (x, y) in enumerate(batches):
-        n = int((y != -1).sum())
-        positions = None  # compiled, with a loss on every token: the whole LM head, one shape per length
-        if not (c.compile and c.loss_on == 'all'):
-            first, index = target_positions(y, trim=not c.compile)  # compiled: no shape per first column
-            positions = (first, index.to(rt.device, non_blocking=True))
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        if rt.ddp:
-            model.require_backward_grad_sync = m == len(batches) - 1
-        with rt.ctx:
-            loss = model(x, y, positions=positions)[1]  # logits not kept alive through backward
-        scaler.scale(loss * (n * rt.world / n_step)).backward()
-        stats[0] += loss.detach().float() * n
-        stats[1] += n
-
-
-def save_checkpoint(path, raw_model, optimizer, scaler, c, run):
+def save_checkpoint(path, raw_model, optimizer, scaler, c, progress):
     """ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone. Weights
     that are not all finite are never saved: a bad update must not replace the last good checkpoint."""
     bad = next((n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
     if bad is not None:
-        raise FloatingPointError(f"the weights became non-finite ({bad}) by iteration {run.iter_num}; "
+        raise FloatingPointError(f"the weights became non-finite ({bad}) by iteration {progress.iter_num}; "
                                  f"{kept(c.out_dir)}; lower --learning_rate, or use --dtype=float32")
     adapter = c.checkpoint == 'adapter'
     save_atomic({
@@ -328,11 +280,11 @@ def save_checkpoint(path, raw_model, optimizer, scaler, c, run):
         'model_args': asdict(raw_model.config),
         'optimizer': optimizer.state_dict(),
         **({'scaler': scaler.state_dict()} if scaler.is_enabled() else {}),
-        'iter_num': run.iter_num,
-        'best_val_loss': run.best_val_loss,
-        'elapsed_s': run.elapsed(),
-        'base_model': run.base_model,
-        **({'base_fingerprint': run.base_fingerprint} if adapter else {}),
+        'iter_num': progress.iter_num,
+        'best_val_loss': progress.best_val_loss,
+        'elapsed_s': progress.elapsed(),
+        'base_model': progress.base_model,
+        **({'base_fingerprint': progress.base_fingerprint} if adapter else {}),
         'config': dict(c),
     }, path)
 
@@ -354,7 +306,7 @@ class Progress:
 
 def kept(out_dir):
     """What a run that stops on a fault leaves: its last good checkpoint, or none."""
-    path = os.path.join(out_dir, 'ckpt.pt')
+    path = ckpt_path(out_dir)
     return f"the last good checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint was saved yet"
 
 
@@ -375,8 +327,8 @@ def read_logs(c, iter_num):
 class RunLog:
     """metrics.jsonl (evaluations), steps.jsonl (log steps), run.json, loss_curve.png and W&B, on rank 0."""
 
-    def __init__(self, c, run, info, logs):
-        self.c, self.run = c, run
+    def __init__(self, c, progress, info, logs):
+        self.c, self.progress = c, progress
         self.metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
         self.steps_path = os.path.join(c.out_dir, 'steps.jsonl')
         write_json(info, os.path.join(c.out_dir, 'run.json'))
@@ -399,7 +351,7 @@ class RunLog:
     def evaluation(self, it, losses, lr):
         print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self._append(self.evals, self.metrics_path, dict(iter=it, train_loss=losses['train'], val_loss=losses['val'],
-                                                         lr=lr, elapsed_s=round(self.run.elapsed(), 3)))
+                                                         lr=lr, elapsed_s=round(self.progress.elapsed(), 3)))
         plot_losses(self.steps, self.evals, os.path.join(self.c.out_dir, 'loss_curve.png'), run_title(self.c))
         if self.wandb:
             self.wandb.log({'iter': it, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
@@ -461,6 +413,144 @@ def plot_losses(steps, evals, path, title):
     save_figure(loss_figure(steps, evals, title), path)
 
 
+def label_positions(y, c, device, compiled=False):
+    """
+    Where a batch's targets are, for the model's label_loss (see model.py), found on the host before the
+    batch moves; or None for the plain loss of forward, which a compiled model uses when every token is
+    a target (one shape per length).
+    """
+    if compiled and c.loss_on == 'all':
+        return None
+    first, index = target_positions(y, trim=not compiled)  # compiled: no shape per first column
+    return first, index.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def estimate_loss(model, loaders, c, rt):
+    """Mean loss per target token over eval_iters batches of each split, dropout off, LoRA un-merged."""
+    out = {}
+    with evaluating(model):
+        for split, loader in loaders.items():
+            total, count = torch.zeros((), device=rt.device), 0
+            for _, (x, y) in zip(range(c.eval_iters), loader):
+                positions = label_positions(y, c, rt.device)
+                with rt.ctx:
+                    _, loss = model(x.to(rt.device), y.to(rt.device), positions=positions)
+                total += loss.float() * len(positions[1])
+                count += len(positions[1])
+            out[split] = total.item() / count
+    return out
+
+
+@dataclass
+class Trainer:
+    """A run as it trains. The loop, train(), calls its methods: set_lr, evaluate, step, log_step, stop."""
+    c: Settings
+    rt: SimpleNamespace  # device, dtype, autocast context, ranks (setup_runtime)
+    raw_model: GPT
+    model: torch.nn.Module  # raw_model as it trains: compiled, under DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: CustomDataLoader
+    val_loader: CustomDataLoader = None
+    progress: 'Progress' = None
+    log: 'RunLog' = None  # rank 0's
+    saved: bool = False  # a checkpoint was saved in this run
+
+    def __post_init__(self):
+        self.start = self.progress.iter_num if self.progress else 0
+
+    def set_lr(self, it):
+        lr = get_lr(self.c, it)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr * group['lr_scale']  # LoRA+: B's groups learn faster
+        return lr
+
+    def step(self, it):
+        """
+        One optimizer step over gradient_accumulation_steps micro-batches, with no host-device sync:
+        (the summed loss and target count as a device tensor, the tokens computed, the gradient norm).
+        The loss is normalised by the target tokens of the whole step (n_step, every rank's), so the
+        gradient is the same for any split of the same examples over micro-batches and processes.
+        """
+        c, rt, model = self.c, self.rt, self.model
+        steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
+        batches = [self.train_loader.get_batch(i) for i in steps]
+        n_step = sum(map(self.train_loader.global_targets, steps))
+        sums = torch.zeros(2, device=rt.device)
+        torch.manual_seed(c.seed + 1000 * rt.rank + it)  # dropout masks depend on the iteration alone
+        try:
+            for m, (x, y) in enumerate(batches):
+                n = int((y != -1).sum())
+                positions = label_positions(y, c, rt.device, compiled=c.compile)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                if rt.ddp:
+                    model.require_backward_grad_sync = m == len(batches) - 1
+                with rt.ctx:
+                    loss = model(x, y, positions=positions)[1]  # logits not kept alive through backward
+                self.scaler.scale(loss * (n * rt.world / n_step)).backward()
+                sums[0] += loss.detach().float() * n
+                sums[1] += n
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"out of GPU memory at batch_size={c.batch_size}: try --batch_size="
+                              f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
+                              f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group['params']]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
+        self.scaler.step(self.optimizer)  # float16: a step whose gradients overflowed is skipped, by design
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int((x != self.train_loader.tokenizer.eot_token).sum()) for x, _ in batches)
+        return sums, tokens, grad_norm
+
+    def evaluate(self, it, lr, last):
+        """Estimate the losses, log them, save a checkpoint if it is due; the seconds it took."""
+        c, progress, t0 = self.c, self.progress, time.time()
+        losses = estimate_loss(self.raw_model, {'train': self.train_loader, 'val': self.val_loader}, c, self.rt)
+        if not all(map(math.isfinite, losses.values())):
+            raise FloatingPointError(f"the loss became non-finite before iteration {it}; {kept(c.out_dir)}; "
+                                     f"lower --learning_rate")
+        self.log.evaluation(it, losses, lr)
+        improved = losses['val'] < progress.best_val_loss
+        progress.best_val_loss = min(progress.best_val_loss, losses['val'])
+        trained = it > self.start and not c.eval_only
+        if trained and (c.always_save_checkpoint or improved or (last and not self.saved)):
+            self.save()
+            print(f"saved checkpoint to {ckpt_path(c.out_dir)}")
+        return time.time() - t0
+
+    def save(self):
+        save_checkpoint(ckpt_path(self.c.out_dir), self.raw_model, self.optimizer, self.scaler, self.c, self.progress)
+        self.saved = True
+
+    def log_step(self, it, sums, grad_norm, lr, step_s, tokens_per_s):
+        """Print and log the mean loss since the last log step; a FloatingPointError if it is not finite."""
+        loss = check_finite(sums, it, self.c, None if self.scaler.is_enabled() else grad_norm)
+        if self.rt.master:
+            self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s * self.rt.world)
+
+    def stop_requested(self, it):
+        """The number of the stop signal received, or 0; under torchrun every rank learns it at the same log step."""
+        if not self.rt.ddp:
+            return STOP.get('signum', 0)
+        if it % self.c.log_interval:
+            return 0
+        flag = torch.tensor([STOP.get('signum', 0)], device=self.rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def stop(self, it, signum, sums):
+        """A stop signal: the weights saved as they are at this step boundary, unless they went bad."""
+        c = self.c
+        check_finite(sums, it, c)
+        if self.rt.master:
+            self.save()
+            plot_losses(self.log.steps, self.log.evals, os.path.join(c.out_dir, 'loss_curve.png'), run_title(c))
+            print(f"interrupted ({signal.Signals(signum).name}): saved checkpoint at iteration {it} to "
+                  f"{ckpt_path(c.out_dir)}; continue with --init_from=resume --out_dir={c.out_dir}")
+
+
 def prepare_training(c, rt, raw_model, ckpt):
     """The model on its device, as it trains (compiled, DDP), its optimizer and float16's gradient scaler."""
     raw_model.to(rt.device)
@@ -506,112 +596,65 @@ def run(c, ckpt, rt):
     data, (raw_model, base_model), enc = fetch_inputs(partial(as_config_error, load_splits, c.dataset),
                                                       partial(build_model, c, ckpt), gpt2_encoding)
     trainable, total, pct = parameter_summary(raw_model)
-    if c.checkpoint == 'auto':
-        c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
-    run = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
+    progress = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
     if rt.master:
         print(f"{method(c)}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
         if ckpt is not None:
-            print(f"resuming {os.path.join(c.out_dir, 'ckpt.pt')} at iteration {run.iter_num} "
+            print(f"resuming {ckpt_path(c.out_dir)} at iteration {progress.iter_num} "
                   f"(base model {base_model}, lora_rank={c.lora_rank})")
     model, optimizer, scaler = prepare_training(c, rt, raw_model, ckpt)
     del ckpt
     train_loader, val_loader = make_loaders(c, rt, data, enc, raw_model.config.block_size)
     info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
                 device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
-    logs = read_logs(c, run.iter_num) if rt.master else None
-    s = SimpleNamespace(c=c, rt=rt, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, run=run,
-                        train_loader=train_loader, val_loader=val_loader,
-                        log=RunLog(c, run, info, logs) if rt.master else None,
-                        ckpt_path=os.path.join(c.out_dir, 'ckpt.pt'), saved=False)
+    log = RunLog(c, progress, info, read_logs(c, progress.iter_num)) if rt.master else None
+    t = Trainer(c, rt, raw_model, model, optimizer, scaler, train_loader, val_loader, progress, log)
     with stops_deferred():
-        signum = train_loop(s)
+        signum = train(t)
         if rt.master:
-            s.log.close()
+            log.close()
     if rt.ddp:
         torch.distributed.destroy_process_group()
     return 128 + signum if signum else 0
 
 
-def train_loop(s):
-    """The iterations, nanoGPT's way; the number of the signal that stopped them, or 0. s: what main() set up."""
-    c, rt, run, train_loader = s.c, s.rt, s.run, s.train_loader
-    stats = torch.zeros(2, device=rt.device)  # summed loss and target tokens since the last log step
-    start, tokens, t_log = run.iter_num, 0, time.time()
+def train(t):
+    """The iterations, nanoGPT's way; the number of the signal that stopped them, or 0. t: the Trainer."""
+    c, start = t.c, t.start
+    sums = torch.zeros(2, device=t.rt.device)  # summed loss and target tokens since the last log step
+    tokens, t_log = 0, time.time()
     for it in range(start, c.max_iters + 1):
         # --- set the learning rate ---------------------------------------------------------
-        run.iter_num, lr = it, get_lr(c, it)
-        for group in s.optimizer.param_groups:
-            group['lr'] = lr * group['lr_scale']  # LoRA+: B's groups learn faster
+        t.progress.iter_num, lr = it, t.set_lr(it)
         last = it == c.max_iters or c.eval_only
 
         # --- evaluate, and save a checkpoint -------------------------------------------------
-        eval_due = it % c.eval_interval == 0 or last
         logged_before_it_stopped = c.init_from == 'resume' and it == start and not c.eval_only
-        if rt.master and eval_due and not logged_before_it_stopped:
-            t_log += evaluate_and_save(s, it, lr, trained=it > start and not c.eval_only, last=last)
+        if t.rt.master and (it % c.eval_interval == 0 or last) and not logged_before_it_stopped:
+            t_log += t.evaluate(it, lr, last)
         if last:
             return 0
-        signum = stop_requested(rt, it, c.log_interval)
+        signum = t.stop_requested(it)
         if signum:
-            check_finite(stats, it, c)
-            if rt.master:
-                save_checkpoint(s.ckpt_path, s.raw_model, s.optimizer, s.scaler, c, run)
-                plot_losses(s.log.steps, s.log.evals, os.path.join(c.out_dir, 'loss_curve.png'), run_title(c))
-                print(f"interrupted ({signal.Signals(signum).name}): saved checkpoint at iteration {it} to "
-                      f"{s.ckpt_path}; continue with --init_from=resume --out_dir={c.out_dir}")
+            t.stop(it, signum, sums)
             return signum
 
         # --- forward, backward, update -------------------------------------------------------
-        steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
-        batches = [train_loader.get_batch(i) for i in steps]
-        tokens += sum(int((x != train_loader.tokenizer.eot_token).sum()) for x, _ in batches)
-        torch.manual_seed(c.seed + 1000 * rt.rank + it)  # dropout masks depend on the iteration alone
-        grad_norm = train_step(s.model, s.optimizer, s.scaler, batches, sum(map(train_loader.global_targets, steps)),
-                               c, rt, stats)
+        step_sums, step_tokens, grad_norm = t.step(it)
+        sums += step_sums
+        tokens += step_tokens
 
         # --- timing and logging: the only place the host waits for the device between evaluations
         if it % c.log_interval == 0:
-            loss = check_finite(stats, it, c, None if s.scaler.is_enabled() else grad_norm)
             dt = time.time() - t_log
-            if rt.master:
-                s.log.step(it, loss, grad_norm.item(), lr, 1000 * dt / min(c.log_interval, it - start + 1),
-                           tokens * rt.world / dt)
-            stats.zero_()
+            t.log_step(it, sums, grad_norm, lr, dt / min(c.log_interval, it - start + 1), tokens / dt)
+            sums.zero_()
             tokens, t_log = 0, time.time()
 
 
-def evaluate_and_save(s, it, lr, trained, last):
-    """Estimate the losses, log them, save a checkpoint if it is due; the seconds it took."""
-    c, run, t0 = s.c, s.run, time.time()
-    losses = estimate_loss(s.raw_model, {'train': s.train_loader, 'val': s.val_loader}, c, s.rt)
-    if not all(map(math.isfinite, losses.values())):
-        raise FloatingPointError(f"the loss became non-finite before iteration {it}; {kept(c.out_dir)}; "
-                                 f"lower --learning_rate")
-    s.log.evaluation(it, losses, lr)
-    improved = losses['val'] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, losses['val'])
-    if trained and (c.always_save_checkpoint or improved or (last and not s.saved)):
-        save_checkpoint(s.ckpt_path, s.raw_model, s.optimizer, s.scaler, c, run)
-        s.saved = True
-        print(f"saved checkpoint to {s.ckpt_path}")
-    return time.time() - t0
-
-
-def stop_requested(rt, it, log_interval):
-    """The number of the stop signal received, or 0; under torchrun every rank learns it at the same log step."""
-    if not rt.ddp:
-        return STOP.get('signum', 0)
-    if it % log_interval:
-        return 0
-    flag = torch.tensor([STOP.get('signum', 0)], device=rt.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def check_finite(stats, it, c, grad_norm=None):
-    """The mean training loss since the last log step; a FloatingPointError if it (or grad_norm) is not finite."""
-    loss_sum, count = stats.tolist()
+def check_finite(sums, it, c, grad_norm=None):
+    """The mean training loss of sums; a FloatingPointError if it (or grad_norm) is not finite."""
+    loss_sum, count = sums.tolist()
     loss = loss_sum / max(1, count)
     bad = 'loss' if not math.isfinite(loss) else 'gradient norm' if grad_norm is not None and \
         not math.isfinite(grad_norm.item()) else None

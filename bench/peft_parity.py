@@ -26,7 +26,7 @@ from transformers import GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
+from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import get_lr, write_json  # noqa: E402
 from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, parse_label, stratified_subset  # noqa: E402

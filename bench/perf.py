@@ -42,12 +42,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
-from checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
+from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, stratified_subset  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, target_positions  # noqa: E402
 
 # -----------------------------------------------------------------------------
 only = 'train,eval,latency,memory,flops,bf16'
@@ -98,7 +98,7 @@ def bench_train(c, dev, sync, records):
         keep = y != -1
 
         def step_ours():
-            _, loss = ours(x, y, targets_only=True)
+            _, loss = ours(x, y, positions=target_positions(y))
             loss.backward()
             opt_ours.step()
             opt_ours.zero_grad(set_to_none=True)
@@ -114,7 +114,7 @@ def bench_train(c, dev, sync, records):
             return loss
 
         with torch.no_grad():
-            a, b = ours(x, y, targets_only=True)[1].item(), torch.nn.functional.cross_entropy(
+            a, b = ours(x, y, positions=target_positions(y))[1].item(), torch.nn.functional.cross_entropy(
                 peft(input_ids=x).logits[keep], y[keep]).item()
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), f"initial losses differ: {a} vs {b}"
         t = timed_rounds({'ours': step_ours, 'peft': step_peft}, c.rounds, sync)
@@ -176,7 +176,7 @@ MEMORY_CHILD = r'''
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
 from lora import mark_only_lora_as_trainable
-from model import GPT, GPTConfig, PRETRAINED_SHAPES
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, target_positions
 rank, dev = {rank}, {dev!r}
 cpu = not dev.startswith('cuda')
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() if cpu else 0
@@ -197,7 +197,7 @@ def pack(t):  # what autograd keeps for backward, each storage once
 for i in range(2):
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(x, x, targets_only=True)[1]
+        loss = m(x, x, positions=target_positions(x))[1]
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 weights = sum(p.numel() * p.element_size() for p in m.parameters())
 trained = [p for p in m.parameters() if p.requires_grad]
@@ -228,7 +228,7 @@ def bench_flops(c, dev, sync, records):
     opt = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
 
     def step():
-        ours(x, y, targets_only=True)[1].backward()
+        ours(x, y, positions=target_positions(y))[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     # the matrix-product FLOPs the step really does, forward and backward, counted by PyTorch (the
@@ -252,7 +252,7 @@ def bench_bf16(c, dev, sync, records):
     def step(dtype):
         def run():
             with autocast(dev, dtype):
-                loss = ours(x, y, targets_only=True)[1]
+                loss = ours(x, y, positions=target_positions(y))[1]
             loss.backward()
             ours.zero_grad(set_to_none=True)
         return run

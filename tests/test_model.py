@@ -4,7 +4,7 @@ import torch
 
 from conftest import STANDIN, needs_standin, save_random_hf_gpt2
 from lora import mark_only_lora_as_trainable, parameter_summary
-from model import GPT, lora_parameter_counts
+from model import GPT, lora_parameter_counts, target_positions
 
 SHAPES = [
     dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97),
@@ -220,8 +220,8 @@ def test_shared_prefix_cache_gives_what_the_whole_prompts_give(tmp_path):
 
 
 def test_label_only_loss_skips_work_but_not_gradients(tmp_path):
-    # targets_only computes the last block only from the first target on; loss and every LoRA
-    # gradient must be what the full computation gives
+    # label_loss computes the last block only from the first target on; loss and every LoRA
+    # gradient must be what forward's full computation gives
     save_random_hf_gpt2(tmp_path, **SHAPES[1])
     model = mark_only_lora_as_trainable(GPT.from_pretrained(str(tmp_path), dict(lora_rank=4, lora_alpha=8)))
     perturb_lora_B(model)
@@ -229,9 +229,9 @@ def test_label_only_loss_skips_work_but_not_gradients(tmp_path):
     targets = torch.full_like(idx, -1)
     targets[0, 15:17], targets[1, 11:13], targets[2, 18:] = idx[0, 16:18], idx[1, 12:14], 7
     grads = []
-    for targets_only in (False, True):
+    for positions in (None, target_positions(targets)):
         model.zero_grad()
-        loss = model(idx, targets, targets_only=targets_only)[1]
+        loss = model(idx, targets, positions=positions)[1]
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)

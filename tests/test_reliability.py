@@ -39,7 +39,7 @@ BAD_TRAIN_FLAGS = [
     (["--init_from=/no/such/model"], "cannot load a GPT-2 checkpoint from '/no/such/model': no such directory"),
     (["--init_from=resume"], "no checkpoint at"),
     (["--device=cuda"], "no CUDA GPU is available here"),
-    (["--loss_on=everything"], "loss_on must be 'label' or 'all'"),
+    (["--loss_on=everything"], "loss_on must be one of label, all, not 'everything'"),
 ]
 
 

@@ -107,5 +107,5 @@ def test_the_lora_options_grid_names_and_flags_its_runs():
     assert r["train"][-5:] == ["--lora_alpha=16", "--lora_targets=qv", "--lora_scaling=rslora", "--lora_plus_ratio=16",
                                "--seed=7"]
     assert runs["lora-r16-a16-rslora"]["method"] == "LoRA (rsLoRA)" and "full-seed7" in runs
-    with pytest.raises(ConfigError, match="targets must be among attn, qv, attn_mlp, not 'mlp'"):
+    with pytest.raises(ConfigError, match="each of targets must be one of attn, qv, attn_mlp, not 'mlp'"):
         sweep.main(["--targets=mlp"])

@@ -140,15 +140,16 @@ def tiny_lora_model(seed=0):
                                                      lora_alpha=8.0)))
 
 
-def step_setup(model, device, ctx=None, **flags):
-    """What train_step needs besides the batches: settings, runtime, optimizer, disabled scaler, stats."""
+def trainer(model, loader, device, ctx=None, compiled=None, **flags):
+    """A train.Trainer of model on loader's batches, with these flags, on device, with no gradient scaler."""
     from contextlib import nullcontext
     from types import SimpleNamespace
     from configurator import configure
-    c = configure(train.DEFAULTS, [f"--{k}={v}" for k, v in flags.items()])
+    c = configure(train.DEFAULTS, [f"--{k}={v}" for k, v in flags.items()]).frozen()
     rt = SimpleNamespace(ddp=False, world=1, rank=0, device=device, ctx=ctx or nullcontext())
-    return (c, rt, model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), device),
-            torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2, device=device))
+    optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), device)
+    return train.Trainer(c, rt, model, model if compiled is None else compiled, optimizer,
+                         torch.amp.GradScaler("cpu", enabled=False), loader)
 
 
 def varied_reviews(n=200):
@@ -164,13 +165,12 @@ def test_a_training_step_never_waits_for_the_device():
     import tiktoken
     from dataloader import CustomDataLoader
     model = tiny_lora_model().to("meta")
-    c, rt, opt, scaler, stats = step_setup(model, "meta", gradient_accumulation_steps=2)
     loader = CustomDataLoader(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128)
-    grad_norm = train.train_step(model, opt, scaler, [loader.get_batch(0), loader.get_batch(1)],
-                                 loader.global_targets(0) + loader.global_targets(1), c, rt, stats)
-    assert grad_norm.device.type == "meta" and stats.device.type == "meta"
+    sums, tokens, grad_norm = trainer(model, loader, "meta", gradient_accumulation_steps=2).step(0)
+    assert grad_norm.device.type == "meta" and sums.device.type == "meta"
+    assert tokens == sum(int((loader.get_batch(i)[0] != loader.tokenizer.eot_token).sum()) for i in (0, 1))
     with pytest.raises(Exception):
-        stats.tolist()  # the check itself can fail
+        sums.tolist()  # the check itself can fail
 
 
 @pytest.mark.parametrize("pad_multiple, most_graphs", [(32, 3), (1, 12)])
@@ -185,9 +185,9 @@ def test_compiled_training_compiles_once_per_padded_length(pad_multiple, most_gr
     lengths = {loader.get_batch(i)[0].size(1) for i in range(12)}
     model = tiny_lora_model()
     compiled = torch.compile(model, backend="eager", dynamic=False)  # dynamo's tracing, without code generation
-    c, rt, opt, scaler, stats = step_setup(model, "cpu", compile=True)
+    t = trainer(model, loader, "cpu", compiled=compiled, compile=True)
     for i in range(12):
-        train.train_step(compiled, opt, scaler, [loader.get_batch(i)], loader.global_targets(i), c, rt, stats)
+        t.step(i)
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert len(lengths) <= most_graphs
@@ -209,11 +209,11 @@ def test_frozen_weights_in_half_precision_train_lora_as_float32_does():
     assert attn.lora_A.dtype == models[1].transformer.wte.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
     states = []
     for model in models:
-        c, rt, opt, scaler, stats = step_setup(model, "cpu", ctx=autocast("cpu", "bfloat16"))
+        t = trainer(model, loader, "cpu", ctx=autocast("cpu", "bfloat16"))
         for i in range(2):
-            train.train_step(model, opt, scaler, [loader.get_batch(i)], loader.global_targets(i), c, rt, stats)
-        states.append(opt.state_dict()["state"])
-        assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+            t.step(i)
+        states.append(t.optimizer.state_dict()["state"])
+        assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for k, v in s.items() if k != "step")
     # autocast rounds float32 weights to bfloat16 in every step: stored that way, training is the same
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         if a.requires_grad:
