@@ -1,17 +1,19 @@
 """
 Rotten Tomatoes reviews as instruction-tuning batches.
 
-Each review becomes one text: an instruction prompt that ends in "Sentiment:", then the label word
-(" positive" / " negative", one GPT-2 token each, the space belongs to the word), then end-of-text.
-build_prompt() is the one place the prompt is written: generate.py asks the model exactly the text
-it was trained on, up to the label. The prompt never ends in a space, because " positive" is one
-token while "positive" after a space is another.
+Each review becomes one text: a prompt (by default the homework's instruction, the review and
+"Sentiment:"), then the label word (" positive" / " negative", one GPT-2 token each, the space
+belongs to the word), then end-of-text. Prompt is the one place the prompt is written, from a
+template and two label words that train.py saves with its run: generate.py asks the model exactly
+the text it was trained on, up to the label. A prompt never ends in a space, because " positive" is
+one token while "positive" after a space is another.
 
     data = load_splits("cornell-movie-review-data/rotten_tomatoes")   # or a local directory
     loader = CustomDataLoader(data["train"], tiktoken.get_encoding("gpt2"), batch_size=8)
     x, y = loader.get_batch(0)   # (B, T) inputs, (B, T) targets with -1 where nothing is learned
+    Prompt("bare", "bad,good").text("a gorgeous film")   # 'Review: a gorgeous film\nSentiment:'
 
-The answer side lives here too: parse_label() reads the label word a model generated, and
+The answer side lives here too: Prompt.parse() reads the label word a model generated, and
 stratified_subset() draws test reviews with each label in its share.
 """
 
@@ -28,11 +30,17 @@ from common import Unreachable, hub_offline, not_a_hub_id
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
 
-LABEL_WORDS = ("negative", "positive")  # label 0, label 1
-INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
 LOSS_ON = ("label", "all")
 EVAL_MODES = ("generate", "score")  # how generate.py reads an answer: the words generated, or the likelier label word
-LABEL_RE = re.compile(r"\s*(positive|negative)\b", re.IGNORECASE)
+# the prompts to choose from: {review} is where the review goes, {negative} and {positive} stand for
+# the label words; instruct is the homework's
+TEMPLATES = {
+    "instruct": "Classify the sentiment of the movie review as {positive} or {negative}.\n\nReview: {review}\nSentiment:",
+    "bare": "Review: {review}\nSentiment:",
+    "question": "Review: {review}\nQuestion: Did the critic like the movie?\nAnswer:",
+    "choices": "Review: {review}\nIs this review {negative} or {positive}?\nAnswer:",
+}
+DEFAULT_LABEL_WORDS = "negative,positive"  # label 0, label 1
 
 
 def clean(text):
@@ -40,42 +48,81 @@ def clean(text):
     return "" if text is None else str(text).strip()
 
 
-def demonstration(text, label):
-    return f"Review: {clean(text)}\nSentiment: {LABEL_WORDS[label]}\n\n"
+def prompt_errors(template, label_words):
+    """configurator.check rules for a prompt_template and label_words pair."""
+    text = TEMPLATES.get(template, template)
+    words = [w.strip() for w in label_words.split(",")]
+    w = [x.lower() for x in words]
+    two = len(words) == 2 and all(words)
+    return [
+        ("{review}" not in text, f"prompt_template must be one of {', '.join(TEMPLATES)} or a text with {{review}} "
+                                 f"where the review goes, not {template!r}"),
+        (text != text.rstrip(), "prompt_template must not end in a space or a newline: the label word brings its "
+                                "own leading space"),
+        (not two, f"label_words must be two words or phrases, comma-separated, for label 0 and label 1 (like "
+                  f"'{DEFAULT_LABEL_WORDS}'), not {label_words!r}"),
+        (two and w[0] == w[1], f"label_words {label_words!r} name one word twice: the two labels need different words"),
+        (two and w[0] != w[1] and (w[0].startswith(w[1]) or w[1].startswith(w[0])),
+         f"label_words {label_words!r}: one begins with the other, so an answer could be read as either label; "
+         f"pick words that differ before either ends"),
+    ]
 
 
-def build_prompt(text, demonstrations=()):
-    """The instruction, optional solved examples (few-shot prompting), then the review to classify."""
-    shots = "".join(demonstration(t, y) for t, y in demonstrations)
-    return f"{INSTRUCTION}\n\n{shots}Review: {clean(text)}\nSentiment:"
+class Prompt:
+    """
+    How a review is put to the model and how its answer reads: a template (a name of TEMPLATES or a
+    text with {review}) and the two label words (label 0, label 1), which may be phrases of several
+    tokens. text() is the one place a prompt is written, so generate.py asks a model exactly what it
+    was trained on. Few-shot examples repeat the template from the paragraph that holds {review} on;
+    the paragraphs before it (an instruction) come once, first.
+    """
 
+    def __init__(self, template="instruct", label_words=DEFAULT_LABEL_WORDS):
+        problem = next((message for bad, message in prompt_errors(template, label_words) if bad), None)
+        if problem:
+            raise ValueError(problem)
+        self.template, self.label_words = template, label_words
+        self.words = tuple(w.strip() for w in label_words.split(","))
+        text = TEMPLATES.get(template, template)
+        for name, word in zip(("{negative}", "{positive}"), self.words):
+            text = text.replace(name, word)
+        cut = text.rfind("\n\n", 0, text.index("{review}"))
+        self.head, self.body = (text[:cut + 2], text[cut + 2:]) if cut >= 0 else ("", text)
+        self._answer_re = re.compile(r"\s*(" + "|".join(map(re.escape, self.words)) + r")(?!\w)", re.IGNORECASE)
 
-def encode_prompt(enc, text, max_tokens, demonstrations=()):
-    """Token ids of build_prompt(text), the review shortened (never the instruction) to fit max_tokens."""
-    ids = enc.encode(build_prompt(text, demonstrations))
-    if len(ids) <= max_tokens:
+    def answer(self, label):
+        """The label's word as the model writes it: after a space, which belongs to the word's token."""
+        return " " + self.words[label]
+
+    def text(self, review, demonstrations=()):
+        """The prompt: the instruction, optional solved (text, label) examples (few-shot), then the review."""
+        shots = "".join(self.body.replace("{review}", clean(t)) + self.answer(y) + "\n\n" for t, y in demonstrations)
+        return self.head + shots + self.body.replace("{review}", clean(review))
+
+    def encode(self, enc, review, max_tokens, demonstrations=()):
+        """Token ids of text(review), the review shortened (never the rest) to fit max_tokens."""
+        ids = enc.encode(self.text(review, demonstrations))
+        if len(ids) <= max_tokens:
+            return ids
+        tokens = enc.encode(clean(review))
+        overflow = len(ids) - max_tokens
+        if overflow >= len(tokens):
+            raise ValueError(f"the prompt without its review is longer than {max_tokens} tokens; raise block_size")
+        while len(ids) > max_tokens:  # a cut can re-tokenise differently at its edge: cut until it fits
+            tokens = tokens[:len(tokens) - overflow]
+            ids = enc.encode(self.text(enc.decode(tokens), demonstrations))
+            overflow = max(1, len(ids) - max_tokens)
         return ids
-    review = enc.encode(clean(text))
-    overflow = len(ids) - max_tokens
-    if overflow >= len(review):
-        raise ValueError(f"the prompt without its review is longer than {max_tokens} tokens; raise block_size")
-    while len(ids) > max_tokens:  # a cut can re-tokenise differently at its edge: cut until it fits
-        review = review[:len(review) - overflow]
-        ids = enc.encode(build_prompt(enc.decode(review), demonstrations))
-        overflow = max(1, len(ids) - max_tokens)
-    return ids
 
-
-def parse_label(generation):
-    """1 for positive, 0 for negative, None when the continuation doesn't start with exactly one of them."""
-    m = LABEL_RE.match(generation)
-    if m is None:
-        return None
-    word = m.group(1).lower()
-    other = LABEL_WORDS[1 - LABEL_WORDS.index(word)]
-    if re.search(rf"\b{other}\b", generation, re.IGNORECASE):
-        return None
-    return LABEL_WORDS.index(word)
+    def parse(self, generation):
+        """The label a continuation starts with (0 or 1, ignoring leading whitespace and case), or None when
+        it starts with neither or names the other label after it."""
+        m = self._answer_re.match(generation)
+        if m is None:
+            return None
+        label = [w.lower() for w in self.words].index(m.group(1).lower())
+        other = re.escape(self.words[1 - label])
+        return None if re.search(rf"(?<!\w){other}(?!\w)", generation[m.end():], re.IGNORECASE) else label
 
 
 def few_shot_demonstrations(train_split, k, seed):
@@ -159,7 +206,7 @@ class CustomDataLoader:
     """
 
     def __init__(self, dataset, tokenizer, batch_size=8, block_size=1024, loss_on="label", shuffle=True,
-                 seed=1337, rank=0, world_size=1, bucket=32, pad_multiple=1):
+                 seed=1337, rank=0, world_size=1, bucket=32, pad_multiple=1, prompt=None):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, not '{loss_on}'")
         self.tokenizer = tokenizer
@@ -172,18 +219,19 @@ class CustomDataLoader:
         self.pad_multiple = pad_multiple  # batch lengths are multiples of this: few shapes, for torch.compile
         self.rank = rank
         self.world_size = world_size
+        self.prompt = prompt or Prompt()  # the template and the label words
         self.records = [self._add_instruction_finetuning(dict(rec)) for rec in dataset]
         self._orders = {}
 
     def _add_instruction_finetuning(self, rec):
-        """Adds instr_tuned_text (prompt + " label" + end-of-text) and its token ids to a record."""
+        """Adds instr_tuned_text (prompt + " label word" + end-of-text) and its token ids to a record."""
         label = rec["label"]
         if label not in (0, 1):
             raise ValueError(f"label {label!r} of review {clean(rec['text'])[:40]!r} is not 0 (negative) or 1 (positive)")
-        answer = self.tokenizer.encode(" " + LABEL_WORDS[label]) + [self.tokenizer.eot_token]
+        answer = self.tokenizer.encode(self.prompt.answer(label)) + [self.tokenizer.eot_token]
         # inputs are the text minus its last token, so the prompt may use block_size + 1 - |answer| tokens
-        prompt = encode_prompt(self.tokenizer, rec["text"], self.block_size + 1 - len(answer))
-        rec["instr_tuned_text"] = self.tokenizer.decode(prompt) + " " + LABEL_WORDS[label] + "<|endoftext|>"
+        prompt = self.prompt.encode(self.tokenizer, rec["text"], self.block_size + 1 - len(answer))
+        rec["instr_tuned_text"] = self.tokenizer.decode(prompt) + self.prompt.answer(label) + "<|endoftext|>"
         rec["ids"] = prompt + answer
         rec["n_answer"] = len(answer)
         rec["n_targets"] = len(answer) if self.loss_on == "label" else len(rec["ids"]) - 1

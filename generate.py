@@ -7,11 +7,13 @@ the model generates after the prompt it was trained on.
     python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=gpt2-medium-4-shot
     python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score --num_samples=200
     python generate.py --init_from=resume --out_dir=gpt-lora-default --review="an utterly charmless film"
+    python generate.py --init_from=gpt2-medium --prompt_template=bare --label_words=bad,good --out_dir=zero-shot-bare
 
-A prediction is the label word (positive / negative) that the continuation starts with, ignoring
-leading whitespace and case; a continuation that starts with neither, or also names the other
-label, is wrong and counts as unparseable. mode=score instead compares the probabilities of the two
-label words after the prompt, in one forward pass per batch. num_samples=N evaluates N reviews drawn
+The prompt is the run's own (resume: the prompt_template and label_words it was trained with) or
+the homework's instruction. A prediction is the label word (positive / negative by default) that the
+continuation starts with, ignoring leading whitespace and case; a continuation that starts with
+neither, or also names the other label, is wrong and counts as unparseable. mode=score instead
+compares the probabilities of the two label words (all of their tokens) after the prompt. num_samples=N evaluates N reviews drawn
 at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
 positions of the reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one
 review a line) classifies those texts instead and writes nothing: for each, the label the model
@@ -30,8 +32,8 @@ from checkpoint import load_checkpoint
 from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
                     pick_dtype, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
-from dataloader import (EVAL_MODES, LABEL_WORDS, build_prompt, encode_prompt, few_shot_demonstrations, left_pad, load_splits,
-                        parse_label, stratified_subset)
+from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, Prompt, few_shot_demonstrations, left_pad, load_splits,
+                        prompt_errors, stratified_subset)
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -44,6 +46,8 @@ batch_size = 32
 mode = 'generate'  # 'generate': generate and match the label word; 'score': compare the two label words' probabilities
 prompt_style = 'zero_shot'  # 'zero_shot': the instruction alone; 'few_shot': num_shots solved examples first
 num_shots = 4  # few-shot demonstrations, balanced between the labels, drawn from the train split
+prompt_template = ''  # '': the run's own (resume), else 'instruct'; see train.py
+label_words = ''  # '': the run's own (resume), else 'negative,positive'; see train.py
 max_new_tokens = 5
 temperature = 0.0  # 0: greedy decoding; > 0: sampling
 top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
@@ -67,14 +71,15 @@ def check_settings(c):
         one_of('mode', c.mode, EVAL_MODES),
         one_of('prompt_style', c.prompt_style, ('zero_shot', 'few_shot')),
         (c.prompt_style == 'few_shot' and c.num_shots < 1, f"num_shots must be >= 1 for few_shot, not {c.num_shots}"),
+        *prompt_errors(c.prompt_template or 'instruct', c.label_words or DEFAULT_LABEL_WORDS),
     ])
 
 
 def load_model(c):
-    """The model to evaluate, the data set it goes with (for resume, the one it was trained on), and for
-    resume (iteration reached, max_iters the run was set up for)."""
+    """The model to evaluate, the data set it goes with (for resume, the one it was trained on), for
+    resume (iteration reached, max_iters the run was set up for), and the run's settings ({} for none)."""
     if c.init_from != 'resume':
-        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES, None
+        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES, None, {}
     path = os.path.join(c.out_dir, 'ckpt.pt')
     model, ckpt = as_config_error(load_checkpoint, path)
     config = ckpt.get('config', {})
@@ -82,7 +87,17 @@ def load_model(c):
     if progress[1] and progress[0] < progress[1]:
         print(f"warning: {path} is at iteration {progress[0]} of the {progress[1]} its run was set up for: an "
               f"unfinished run (finish it with python train.py --init_from=resume --out_dir={c.out_dir})")
-    return model, c.dataset or config.get('dataset') or ROTTEN_TOMATOES, progress
+    return model, c.dataset or config.get('dataset') or ROTTEN_TOMATOES, progress, config
+
+
+def pick_prompt(c, trained):
+    """The Prompt: this command's prompt_template and label_words, else the run's, else the defaults."""
+    run = (trained.get('prompt_template', 'instruct'), trained.get('label_words', DEFAULT_LABEL_WORDS))
+    c.prompt_template, c.label_words = c.prompt_template or run[0], c.label_words or run[1]
+    if trained and (c.prompt_template, c.label_words) != run:
+        print(f"note: asking with prompt_template={c.prompt_template!r} label_words={c.label_words!r}; the run was "
+              f"trained with {run[0]!r} and {run[1]!r}")
+    return as_config_error(Prompt, c.prompt_template, c.label_words)
 
 
 class ModelSampler:
@@ -104,9 +119,14 @@ class ModelSampler:
             dataset = loaded['model'][1] if 'model' in loaded else c.dataset or ROTTEN_TOMATOES
             return as_config_error(load_splits, dataset, splits)
         # whatever cannot be downloaded is reported at once
-        self.enc, (model, c.dataset, self.progress), data = fetch_inputs(
+        self.enc, (model, c.dataset, self.progress, trained), data = fetch_inputs(
             gpt2_encoding, lambda: loaded.setdefault('model', load_model(c)), load_data)
-        self.label_ids = [self.enc.encode(' ' + w)[0] for w in LABEL_WORDS]
+        self.prompt = pick_prompt(c, trained)
+        self.label_ids = [self.enc.encode(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
+        longest = max(map(len, self.label_ids))
+        if c.mode == 'generate' and c.max_new_tokens < longest:
+            raise ConfigError(f"label_words={c.label_words!r} has a word of {longest} tokens, more than max_new_tokens="
+                              f"{c.max_new_tokens} can generate; use --max_new_tokens={longest + 2}")
         block = model.config.block_size
         if c.max_new_tokens >= block:
             raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
@@ -124,15 +144,15 @@ class ModelSampler:
                 raise ConfigError(f"num_shots={c.num_shots} needs {(c.num_shots + 1) // 2} reviews of each label, but "
                                   f"the train split of {c.dataset} has {fewest} of one; use --num_shots={2 * fewest}")
             self.demonstrations = few_shot_demonstrations(data['train'], c.num_shots, c.seed)
-            fixed = len(self.enc.encode(build_prompt('', self.demonstrations)))
+            fixed = len(self.enc.encode(self.prompt.text('', self.demonstrations)))
             if fixed + c.max_new_tokens >= block:
                 raise ConfigError(f"num_shots={c.num_shots} examples take {fixed} tokens: with max_new_tokens="
                                   f"{c.max_new_tokens} no review fits the model's context of {block} tokens; "
                                   f"use fewer --num_shots")
 
     def prompt_ids(self, text):
-        return encode_prompt(self.enc, text, self.model.config.block_size - self.settings.max_new_tokens,
-                             self.demonstrations)
+        return self.prompt.encode(self.enc, text, self.model.config.block_size - self.settings.max_new_tokens,
+                                  self.demonstrations)
 
     def _left_pad(self, prompts):
         idx, mask = left_pad(prompts, self.enc.eot_token)
@@ -149,8 +169,8 @@ class ModelSampler:
         idx, mask = self._left_pad(prompts)
         with self.ctx:
             if c.mode == 'score':
-                logits = self.model.last_logits(idx, mask, cache, rows=self.label_ids)
-                return [' ' + LABEL_WORDS[int(i)] for i in logits.argmax(dim=-1)]
+                logprobs = self.model.continuation_logprobs(idx, self.label_ids, mask, cache)
+                return [self.prompt.answer(int(i)) for i in logprobs.argmax(dim=-1)]
             out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, mask, self.generator, cache)
         texts = []
         for row in out[:, idx.size(1):].tolist():
@@ -189,19 +209,19 @@ class ModelSampler:
                 recs[i]['generation'] = gen
         for r in recs:
             r['prompt'] = self.enc.decode(r.pop('ids'))
-            label = parse_label(r['generation'])
-            r['prediction'] = None if label is None else LABEL_WORDS[label]
+            label = self.prompt.parse(r['generation'])
+            r['prediction'] = None if label is None else self.prompt.words[label]
         return recs
 
     def classify(self, texts):
-        """(label word or None, P(negative), P(positive)) of each text: the label it generates, and the
-        label words' probabilities as the next token after its prompt."""
+        """(label word or None, P(label 0's word), P(label 1's word)) of each text: the label it generates,
+        and the probabilities of the label words (all their tokens) as what follows its prompt."""
         prompts = [self.prompt_ids(t) for t in texts]
-        labels = [parse_label(g) for g in self._continuations(prompts)]
+        labels = [self.prompt.parse(g) for g in self._continuations(prompts)]
         idx, mask = self._left_pad(prompts)
         with self.ctx:
-            probs = self.model.last_logits(idx, mask).float().softmax(dim=-1)[:, self.label_ids].tolist()
-        return [(None if y is None else LABEL_WORDS[y], *p) for y, p in zip(labels, probs)]
+            probs = self.model.continuation_logprobs(idx, self.label_ids, mask).exp().tolist()
+        return [(None if y is None else self.prompt.words[y], *p) for y, p in zip(labels, probs)]
 
     def get_accuracy(self, progress=True):
         """(accuracy, positive_count, negative_count); unparseable generations count as wrong."""
@@ -212,9 +232,10 @@ class ModelSampler:
 
     def counts(self):
         n = len(self.results)
-        correct = sum(r['prediction'] == LABEL_WORDS[r['label']] for r in self.results)
-        pos = sum(r['prediction'] == 'positive' for r in self.results)
-        neg = sum(r['prediction'] == 'negative' for r in self.results)
+        words = self.prompt.words
+        correct = sum(r['prediction'] == words[r['label']] for r in self.results)
+        pos = sum(r['prediction'] == words[1] for r in self.results)
+        neg = sum(r['prediction'] == words[0] for r in self.results)
         return correct / n, pos, neg
 
     def write_results(self, out_dir):
@@ -226,7 +247,8 @@ class ModelSampler:
         summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
                        seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
                        **{k: c[k] for k in ('init_from', 'out_dir', 'dataset', 'split', 'mode', 'prompt_style',
-                                            'max_new_tokens', 'temperature', 'top_k', 'seed', 'batch_size')},
+                                            'prompt_template', 'label_words', 'max_new_tokens', 'temperature',
+                                            'top_k', 'seed', 'batch_size')},
                        num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
                        **(dict(iter_num=self.progress[0], max_iters=self.progress[1]) if self.progress else {}),
                        reviews=self.indices if n < self.split_size else 'all')  # positions in the split
@@ -256,8 +278,10 @@ def main(argv):
     check_settings(c)
     if c.review or c.reviews_file:  # the user's own reviews: printed, nothing written
         texts = own_reviews(c)
-        for text, (label, p_neg, p_pos) in zip(texts, ModelSampler(**c).classify(texts)):
-            print(f"{label or 'unparseable':<11}  P(negative) {p_neg:.3g}  P(positive) {p_pos:.3g}  {text}")
+        sampler = ModelSampler(**c)
+        negative, positive = sampler.prompt.words
+        for text, (label, p_neg, p_pos) in zip(texts, sampler.classify(texts)):
+            print(f"{label or 'unparseable':<11}  P({negative}) {p_neg:.3g}  P({positive}) {p_pos:.3g}  {text}")
         return None
     with hold_out_dir(c.out_dir, command_line()):  # before the work: results that cannot be written stop it now
         sampler = ModelSampler(**c)

@@ -5,6 +5,8 @@ validation-loss plot (questions 2.2 and 2.8).
     python sweep.py --init_from=gpt2-medium --out_dir=sweep
     python sweep.py --init_from=gpt2-medium --ranks=8,32 --full_finetune=False --max_iters=200 --out_dir=sweep-small
     python sweep.py --init_from=gpt2-medium --seeds=1337,1338,1339 --out_dir=sweep   # run-to-run spread
+    python sweep.py --init_from=gpt2-medium --templates=instruct,bare --label_words="negative,positive;bad,good" \
+        --ranks=16 --full_finetune=False --out_dir=sweep-prompts   # every method with every prompt
 
 By default: the untouched model with the instruction alone (zero-shot), few-shot prompting, LoRA with
 r in {16, 128, 196} and alpha = 4r, and full fine-tuning; with several seeds every training run is
@@ -19,6 +21,7 @@ run with other settings is an error, or with --overwrite=True is deleted and run
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -28,7 +31,7 @@ import time
 
 from common import command_line, hold_out_dir, log_scale, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
-from dataloader import EVAL_MODES
+from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors
 from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
@@ -44,6 +47,8 @@ fixed_alpha = 0.0  # one lora_alpha for every rank instead (as rsLoRA intends); 
 targets = 'attn'  # LoRA targets to compare, comma-separated: attn, qv, attn_mlp (train.py's lora_targets)
 scalings = 'standard'  # LoRA scaling rules to compare: standard (alpha / r), rslora (alpha / sqrt(r))
 lora_plus_ratios = '1'  # LoRA+ ratios to compare (B's learning rate over A's); 1: plain LoRA
+templates = 'instruct'  # prompt templates to compare: names (instruct, bare, question, choices), or one text with {review}
+label_words = 'negative,positive'  # label-word pairs to compare, ';'-separated: 'negative,positive;bad,good'
 lora_lr = 5e-4
 full_finetune = True  # also fine-tune every parameter (lora_rank=0)
 full_lr = 1e-4  # every weight moves, and moves far at LoRA's rate: 5x lower
@@ -96,6 +101,24 @@ def lora_variants(c):
     return out
 
 
+def prompt_choices(c):
+    """(template, label words) of every prompt the grid compares."""
+    templates = [c.templates] if '{review}' in c.templates else [t.strip() for t in c.templates.split(',') if t.strip()]
+    return list(itertools.product(templates, [w.strip() for w in c.label_words.split(';') if w.strip()]))
+
+
+def prompt_variant(template, words):
+    """(name suffix, description, flags) of a prompt choice; nothing for the homework's."""
+    suffix, what, flags = '', [], []
+    if template != 'instruct':
+        name = template if template in TEMPLATES else 'custom'
+        suffix, what, flags = f'-{name}', [f'template {name}'], [f'--prompt_template={template}']
+    if words != DEFAULT_LABEL_WORDS:
+        suffix += ''.join('-' + re.sub(r'[^A-Za-z0-9]+', '_', w.strip()) for w in words.split(','))
+        what, flags = what + ['/'.join(w.strip() for w in words.split(','))], flags + [f'--label_words={words}']
+    return suffix, (f", {', '.join(what)}" if what else ''), flags
+
+
 def plan(c):
     """The runs: name, group (the name without its seed), method, rank, alpha, lr, seed, and their flags."""
     data = [f'--dataset={c.dataset}', f'--device={c.device}']
@@ -105,21 +128,29 @@ def plan(c):
     if c.few_shot:
         prompting.append((f'few-shot-{c.num_shots}', f'{c.num_shots}-shot prompting',
                           ['--prompt_style=few_shot', f'--num_shots={c.num_shots}']))
-    for name, method, extra in prompting:
-        runs.append(dict(name=name, group=name, method=method, rank=None, alpha=None, lr=None, seed=None, train=None,
-                         eval=[f'--init_from={c.init_from}', *data, *evaluate, *extra]))
     training = [(*variant, c.lora_lr) for variant in lora_variants(c)]
     if c.full_finetune:
         training.append(('full', 'full fine-tuning', 0, None, [], c.full_lr))
-    for group, method, r, alpha, extra, lr in training:
-        for seed in int_list(c.seeds, 'seeds'):
-            flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
-                     f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
-                     f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}', *extra,
-                     *([f'--seed={seed}'] if seed != DEFAULT_SEED else []), *shlex.split(c.train_args)]
-            name = group if seed == DEFAULT_SEED else f'{group}-seed{seed}'
-            runs.append(dict(name=name, group=group, method=method, rank=r, alpha=alpha, lr=lr, seed=seed,
-                             train=flags, eval=['--init_from=resume', *data, *evaluate]))
+    for suffix, about, prompt in itertools.starmap(prompt_variant, prompt_choices(c)):
+        for name, method, extra in prompting:
+            runs.append(dict(name=name + suffix, group=name + suffix, method=method + about, rank=None, alpha=None,
+                             lr=None, seed=None, train=None,
+                             eval=[f'--init_from={c.init_from}', *data, *evaluate, *extra, *prompt]))
+        for group, method, r, alpha, extra, lr in training:
+            for seed in int_list(c.seeds, 'seeds'):
+                flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
+                         f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
+                         f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}', *extra, *prompt,
+                         *([f'--seed={seed}'] if seed != DEFAULT_SEED else []), *shlex.split(c.train_args)]
+                name = group + suffix + ('' if seed == DEFAULT_SEED else f'-seed{seed}')
+                # the evaluation asks what the run was trained on: its own template and label words
+                runs.append(dict(name=name, group=group + suffix, method=method + about, rank=r, alpha=alpha, lr=lr,
+                                 seed=seed, train=flags, eval=['--init_from=resume', *data, *evaluate]))
+    names = [r['name'] for r in runs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise ConfigError(f"two runs of the grid would share the folder {twice}: list each template and label-word "
+                          f"pair once")
     return runs
 
 
@@ -344,6 +375,8 @@ def main(argv):
            (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'"),
            *[one_of('each of targets', t, LORA_TARGETS) for t in c.targets.split(',')],
            *[one_of('each of scalings', s, LORA_SCALINGS) for s in c.scalings.split(',')],
+           (not prompt_choices(c), "templates and label_words must each name at least one choice"),
+           *[rule for choice in prompt_choices(c) for rule in prompt_errors(*choice)],
            (min(c.max_iters, c.batch_size, c.eval_interval, c.eval_iters, c.num_shots, c.eval_batch_size) < 1,
             "max_iters, batch_size, eval_interval, eval_iters, num_shots and eval_batch_size must be >= 1"),
            (c.num_samples < 0, f"num_samples must be >= 0 (0: the whole split), not {c.num_samples}"),

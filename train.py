@@ -32,7 +32,7 @@ from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
 from common import (append_line, as_config_error, autocast, command_line, fetch_inputs, get_lr, gpt2_encoding,
                     hold_out_dir, log_scale, pick_device, pick_dtype, read_jsonl, save_atomic, save_figure, write_json)
 from configurator import ConfigError, Interrupted, Settings, check, configure, one_of, run_cli, settings_of, stop_signals
-from dataloader import LOSS_ON, CustomDataLoader, load_splits
+from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
 from lora import evaluating, lora_state_dict, mark_only_lora_as_trainable, parameter_summary
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
 
@@ -54,6 +54,8 @@ wandb_run_name = ''  # '' names the run after rank, alpha and learning rate
 # data
 dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directory of split files
 loss_on = 'label'  # 'label': learn the answer only; 'all': the whole text, as the handout does
+prompt_template = 'instruct'  # instruct (the homework's), bare, question, choices, or a text with {review} (dataloader.py)
+label_words = 'negative,positive'  # the answers for label 0 and 1, comma-separated: words or phrases (bad,good)
 batch_size = 16
 gradient_accumulation_steps = 1
 bucket = 32  # batch reviews of similar length, drawn from windows of this many batches (little padding); 0: random batches
@@ -151,6 +153,7 @@ def check_settings(c):
          f"{c.n_embd}"),
         (0 < c.block_size < 8 or c.block_size < 0, f"block_size must be 0 (the model's) or >= 8, not {c.block_size}"),
         one_of('loss_on', c.loss_on, LOSS_ON),
+        *prompt_errors(c.prompt_template, c.label_words),
         one_of('checkpoint', c.checkpoint, ('auto', 'full', 'adapter')),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
@@ -575,8 +578,9 @@ def prepare_training(c, rt, raw_model, ckpt):
 
 def make_loaders(c, rt, data, enc, block_size):
     """Batches of the train split (this rank's share) and of the validation split."""
-    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=block_size,
-                  loss_on=c.loss_on, seed=c.seed, bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1))
+    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=block_size, loss_on=c.loss_on, seed=c.seed,
+                  bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1),
+                  prompt=Prompt(c.prompt_template, c.label_words))
     return (as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader),
             as_config_error(CustomDataLoader, data['validation'], **loader))
 

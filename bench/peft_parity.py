@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import get_lr, write_json  # noqa: E402
 from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
-from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, parse_label, stratified_subset  # noqa: E402
+from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
 from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -130,14 +130,15 @@ def peft_accuracy(model, c, enc):
     block = model.config.n_positions
     correct = 0
     model.eval()
+    prompt = Prompt()
     for s in range(0, len(recs), c.eval_batch_size):
         part = recs[s:s + c.eval_batch_size]
-        idx, mask = left_pad([encode_prompt(enc, t, block - MAX_NEW_TOKENS) for t in part['text']], enc.eot_token)
+        idx, mask = left_pad([prompt.encode(enc, t, block - MAX_NEW_TOKENS) for t in part['text']], enc.eot_token)
         out = model.generate(input_ids=idx.to(c.device), attention_mask=mask.to(c.device), max_new_tokens=MAX_NEW_TOKENS,
                              do_sample=False, pad_token_id=enc.eot_token)
         for label, row in zip(part['label'], out[:, idx.size(1):].tolist()):
             row = row[:row.index(enc.eot_token)] if enc.eot_token in row else row
-            correct += parse_label(enc.decode(row)) == label
+            correct += prompt.parse(enc.decode(row)) == label
     return correct / len(recs)
 
 

@@ -45,7 +45,7 @@ from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
 from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
-from dataloader import CustomDataLoader, encode_prompt, left_pad, load_splits, stratified_subset  # noqa: E402
+from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
 from model import GPT, target_positions  # noqa: E402
 
@@ -133,7 +133,7 @@ def bench_eval(c, dev):
     test = load_splits(c.dataset, ('test',))['test']
     enc, max_new_tokens, eot = tiktoken.get_encoding('gpt2'), 5, 50256
     texts = test.select(stratified_subset(test['label'], c.eval_reviews, 1337))['text']  # generate.py's reviews
-    prompts = sorted((encode_prompt(enc, t, hf.config.n_positions - max_new_tokens) for t in texts), key=len)
+    prompts = sorted((Prompt().encode(enc, t, hf.config.n_positions - max_new_tokens) for t in texts), key=len)
     out_dir = tempfile.mkdtemp()
 
     def ours(mode):

@@ -4,7 +4,7 @@ import tiktoken
 import torch
 
 from configurator import ConfigError, configure
-from dataloader import CustomDataLoader, build_prompt, encode_prompt, load_splits
+from dataloader import CustomDataLoader, Prompt, load_splits
 
 DEFAULTS = dict(init_from="gpt2", learning_rate=6e-4, lora_rank=0, lora_alpha=0.0, dropout=0.1,
                 compile=False, top_k=None, out_dir="out")
@@ -53,7 +53,7 @@ def test_instruction_text_prompt_and_label_tokens(reviews):
     data = load_splits(reviews)
     loader = CustomDataLoader(data["train"], ENC, batch_size=4)
     rec = loader._add_instruction_finetuning({"text": "a gorgeous film .", "label": 1})
-    prompt = build_prompt("a gorgeous film .")
+    prompt = Prompt().text("a gorgeous film .")
     assert rec["instr_tuned_text"] == prompt + " positive<|endoftext|>"
     assert not prompt.endswith(" ")
     ids = ENC.encode(rec["instr_tuned_text"], allowed_special={"<|endoftext|>"})
@@ -82,8 +82,8 @@ def test_long_review_is_cut_in_the_review_only():
     rec = loader.records[0]
     assert len(rec["ids"]) == 65  # block_size inputs + the last target
     text = rec["instr_tuned_text"]
-    assert text.startswith(build_prompt("")[:40]) and text.endswith("\nSentiment: negative<|endoftext|>")
-    assert len(encode_prompt(ENC, long_text, 50)) <= 50
+    assert text.startswith(Prompt().text("")[:40]) and text.endswith("\nSentiment: negative<|endoftext|>")
+    assert len(Prompt().encode(ENC, long_text, 50)) <= 50
 
 
 def test_batches_are_reproducible_and_ranks_split_the_global_batch(reviews):

@@ -9,7 +9,7 @@ import torch
 import generate
 from configurator import ConfigError
 from conftest import DATA, STANDIN, needs_data, needs_standin
-from dataloader import few_shot_demonstrations, parse_label
+from dataloader import Prompt, few_shot_demonstrations
 from generate import ModelSampler, main
 from lora import mark_only_lora_as_trainable
 from model import GPT
@@ -21,7 +21,7 @@ from model import GPT
     (" positive or negative", None), (" negative, not positive", None), ("!!!", None),
 ])
 def test_matching_rule(generation, label):
-    assert parse_label(generation) == label
+    assert Prompt().parse(generation) == label
 
 
 def test_few_shot_demonstrations_are_balanced_and_reproducible(reviews):

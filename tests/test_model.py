@@ -205,12 +205,18 @@ def test_shared_prefix_cache_gives_what_the_whole_prompts_give(tmp_path):
     T = batch.size(1)
     cache = model.prefix_cache(prefix.tolist())
     out = model.generate(batch, 6, temperature=0, attention_mask=mask, prefix=cache)
-    scores = model.last_logits(batch, mask, prefix=cache, rows=[3, 7])
+    # a one-token and a three-token continuation, scored from the cache against whole forward passes
+    scores = model.continuation_logprobs(batch, [[3], [7, 5, 7]], mask, prefix=cache)
     for i, t in enumerate(tails):
         whole = torch.cat((prefix, t))[None]
         alone = model.generate(whole, 6, temperature=0)
         assert torch.equal(out[i, T:], alone[0, whole.size(1):])
-        torch.testing.assert_close(scores[i], model(whole)[0][0, -1, [3, 7]], rtol=1e-5, atol=1e-5)
+        longer = torch.cat((whole[0], torch.tensor([7, 5])))[None]
+        logprobs = model(longer, longer)[0][0].log_softmax(-1)
+        n = whole.size(1)
+        torch.testing.assert_close(scores[i, 0], logprobs[n - 1, 3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scores[i, 1], logprobs[n - 1, 7] + logprobs[n, 5] + logprobs[n + 1, 7],
+                                   rtol=1e-5, atol=1e-5)
     # equal-length rows need no padding mask: the causal mask must still hold after the prefix
     same = torch.stack([tails[1], tails[3]])
     out = model.generate(same, 3, temperature=0, prefix=cache)
