@@ -7,7 +7,7 @@ the model generates after the prompt it was trained on.
     python generate.py --init_from=gpt2-medium --prompt_style=few_shot --num_shots=4 --out_dir=gpt2-medium-4-shot
     python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score --num_samples=200
     python generate.py --init_from=resume --out_dir=gpt-lora-default --review="an utterly charmless film"
-    python generate.py --init_from=gpt2-medium --prompt_template=bare --label_words=bad,good --out_dir=zero-shot-bare
+    python generate.py --init_from=gpt2-medium --prompt_template=bare --label_words=bad,good --out_dir=gpt2-medium-zero-shot-bare
 
 The prompt is the run's own (resume: the prompt_template and label_words it was trained with) or
 the homework's instruction. A prediction is the label word (positive / negative by default) that the

@@ -9,6 +9,8 @@
 init_from = 'gpt2-medium'
 out_dir = 'gpt-lora-default'
 dataset = 'cornell-movie-review-data/rotten_tomatoes'
+prompt_template = 'instruct'  # or bare, question, choices, or a text with {review} (docs/prompts.md)
+label_words = 'negative,positive'  # label 0's answer, label 1's
 
 lora_rank = 128
 lora_alpha = 512.0
