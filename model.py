@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from configurator import check, configure, one_of, run_cli, settings_of
 from hf_checkpoint import read_hf_checkpoint
@@ -125,6 +126,10 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def block_output(block, x, mask, first):
+    return block(x, None, mask, first)[0]
+
+
 def gelu(x):
     """GPT-2's GELU ("gelu_new"), the tanh approximation."""
     return F.gelu(x, approximate="tanh")
@@ -171,6 +176,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.grad_checkpoint = False  # use_grad_checkpoint()
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream
         for pn, p in self.named_parameters():
@@ -207,7 +213,12 @@ class GPT(nn.Module):
         presents = []
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, None if past is None else past[i], mask, first if i == last else 0)
+            f = first if i == last else 0
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # the block's output alone: its keys and values (the cache) would keep what is recomputed
+                x, kv = checkpoint(block_output, block, x, mask, f, use_reentrant=False), None
+            else:
+                x, kv = block(x, None if past is None else past[i], mask, f)
             presents.append(kv)
         return self.transformer.ln_f(x), presents
 
@@ -240,6 +251,15 @@ class GPT(nn.Module):
         x, _ = self.hidden_states(idx, first=first)
         logits = self.lm_head(x.reshape(-1, x.size(-1))[index])
         return logits, F.cross_entropy(logits, targets[:, first:].reshape(-1)[index])
+
+    def use_grad_checkpoint(self, on=True):
+        """
+        Activation checkpointing in training: each block keeps only its input and recomputes the rest
+        in the backward pass (with the same dropout masks), so activation memory shrinks from every
+        block's to about one block's, for about one more forward pass of compute.
+        """
+        self.grad_checkpoint = on
+        return self
 
     def use_fast_gelu(self, on=True):
         """

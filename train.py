@@ -87,16 +87,17 @@ min_lr = 0.0  # where the decay ends; 0: learning_rate / 10
 device = 'auto'  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 (+ gradient scaler) on older ones, else float32
 compile = False  # torch.compile the model
+grad_checkpoint = False  # recompute each block's activations in the backward pass: less memory, more compute
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 # what a resumed run may change freely; everything else makes it differ from an uninterrupted run
 HARMLESS = {'out_dir', 'init_from', 'overwrite', 'max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only',
             'always_save_checkpoint', 'checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
-            'compile', 'pad_multiple'}
+            'compile', 'pad_multiple', 'grad_checkpoint'}
 MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'lora_scaling', 'dropout', 'n_layer', 'n_head',
                   'n_embd', 'block_size')
-MACHINE_SETTINGS = ('device', 'dtype', 'compile')  # a resumed run takes these from its new command line
+MACHINE_SETTINGS = ('device', 'dtype', 'compile', 'grad_checkpoint')  # a resumed run takes these from its new command line
 
 # Ctrl-C, Colab's stop button, SIGTERM (Slurm, Kubernetes, `timeout`) or SIGHUP end a run at the
 # next step boundary, with a checkpoint; a second signal stops it at once
@@ -556,7 +557,7 @@ class Trainer:
 
 def prepare_training(c, rt, raw_model, ckpt):
     """The model on its device, as it trains (compiled, DDP), its optimizer and float16's gradient scaler."""
-    raw_model.to(rt.device)
+    raw_model.to(rt.device).use_grad_checkpoint(c.grad_checkpoint)
     if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
         store_frozen_weights_in(raw_model, rt.dtype)
     device_type = rt.device.split(':')[0]

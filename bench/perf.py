@@ -14,8 +14,9 @@ to out_dir (docs/ quotes bench/results.md, written with --out_dir=bench).
    predictions) against transformers' generate on the same prompts, batches and weights; and of
    generate.py's score mode.
 3. latency: forward latency of a merged LoRA model against the model without LoRA (question 2.1).
-4. memory: peak memory of LoRA r=128 training against full fine-tuning, gpt2-medium shapes (each in
-   its own process: RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+4. memory: peak memory of LoRA r=128 training, also with activation checkpointing, against full
+   fine-tuning, gpt2-medium shapes (each in its own process: RSS on CPU,
+   torch.cuda.max_memory_allocated on GPU).
 5. flops: achieved FLOP/s of our training step as a share of this machine's matmul peak (measured
    here), and the share of computed tokens that are padding.
 6. bf16: our training step with bfloat16 autocast against float32 (where the hardware has it).
@@ -183,6 +184,7 @@ rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpage
 baseline = rss()  # the interpreter, torch and its libraries
 torch.manual_seed(0)
 m = GPT(GPTConfig(**PRETRAINED_SHAPES[{model!r}], lora_rank=rank, lora_alpha=4.0 * max(rank, 1))).to(dev)
+m.use_grad_checkpoint({checkpointed})
 if rank:
     mark_only_lora_as_trainable(m)
 opt = m.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
@@ -212,11 +214,12 @@ print(json.dumps(dict(peak_bytes=peak, baseline_bytes=baseline, weight_bytes=wei
 
 def bench_memory(c, dev):
     out = {}
-    for name, rank in (('lora_r128', 128), ('full', 0)):
-        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c.memory_model)
+    for name, rank, checkpointed in (('lora_r128', 128, False), ('full', 0, False), ('lora_r128_checkpointed', 128, True)):
+        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c.memory_model, checkpointed=checkpointed)
         p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
         out[name] = json.loads(p.stdout.strip().splitlines()[-1])
     out['ratio'] = out['lora_r128']['peak_bytes'] / out['full']['peak_bytes']
+    out['checkpointed_ratio'] = out['lora_r128_checkpointed']['peak_bytes'] / out['full']['peak_bytes']
     return out
 
 
@@ -293,6 +296,9 @@ def write_results(res, c, argv, dev):
         r = res['memory']
         lines.append(row(f"peak training memory, {c.memory_model} shapes", f"{r['lora_r128']['peak_bytes'] / 2**30:.2f} GiB (LoRA r=128)",
                          f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning)", f"{r['ratio']:.2f}x", "<= 0.4x"))
+        lines.append(row("... with activation checkpointing", f"{r['lora_r128_checkpointed']['peak_bytes'] / 2**30:.2f} GiB "
+                         f"(LoRA r=128)", f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning)",
+                         f"{r['checkpointed_ratio']:.2f}x", "<= 0.3x"))
     if 'flops' in res:
         r = res['flops']
         lines.append(row("achieved FLOP/s of a LoRA training step", f"{r['step_flops_per_s'] / 1e9:.1f} GFLOP/s",

@@ -251,3 +251,29 @@ def test_fast_inference_gelu_matches_torch():
     from model import gelu_sigmoid
     x = torch.cat((torch.randn(10000) * 3, torch.tensor([0.0, -0.0, 30.0, -30.0, 1e4, -1e4])))
     torch.testing.assert_close(gelu_sigmoid(x), F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, lora_rank):
+    # dropout on: the recomputation must draw the masks the first pass drew
+    save_random_hf_gpt2(tmp_path, **SHAPES[1])
+    model = GPT.from_pretrained(str(tmp_path), dict(lora_rank=lora_rank, lora_alpha=8, lora_dropout=0.1, dropout=0.1))
+    if lora_rank:
+        perturb_lora_B(mark_only_lora_as_trainable(model))
+    model.train()
+    calls = []
+    model.transformer.h[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    idx = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(5))
+    targets = torch.roll(idx, -1, 1)
+    runs = []
+    for on in (False, True):
+        model.use_grad_checkpoint(on).zero_grad()
+        calls.clear()
+        torch.manual_seed(3)
+        loss = model(idx, targets, positions=target_positions(targets))[1]
+        loss.backward()
+        runs.append((len(calls), loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert (runs[0][0], runs[1][0]) == (1, 2)  # checkpointed: the block ran again in the backward pass
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+    for a, b in zip(runs[0][2], runs[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

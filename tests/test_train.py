@@ -49,7 +49,8 @@ def test_lora_run_writes_checkpoint_metrics_and_plot(tiny_ckpt, reviews, tmp_pat
 def test_resume_gives_the_same_weights(tiny_ckpt, reviews, tmp_path):
     run(tiny_ckpt, reviews, tmp_path / "full", "--lora_dropout=0.1", "--lr_decay_iters=6")
     run(tiny_ckpt, reviews, tmp_path / "split", "--lora_dropout=0.1", "--lr_decay_iters=6", "--max_iters=3")
-    run(tiny_ckpt, reviews, tmp_path / "split", "--init_from=resume")
+    # activation checkpointing, a machine setting, may differ on resume: it changes no result
+    run(tiny_ckpt, reviews, tmp_path / "split", "--init_from=resume", "--grad_checkpoint=True")
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
