@@ -314,7 +314,7 @@ def write_results(res, c, argv, dev):
                   "the rest: transient buffers and allocator slack):", "",
                   row('run', 'peak', 'process before the model', 'weights', 'gradients + AdamW', 'activations', 'rest'),
                   row(*['---'] * 7)]
-        for name in ('lora_r128', 'full'):
+        for name in ('lora_r128', 'lora_r128_checkpointed', 'full'):
             r = res['memory'][name]
             parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
             lines.append(row(name, *(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts, r['peak_bytes'] - sum(parts)))))
