@@ -13,8 +13,8 @@ The prompt is the run's own (resume: the prompt_template and label_words it was 
 the homework's instruction. A prediction is the label word (positive / negative by default) that the
 continuation starts with, ignoring leading whitespace and case; a continuation that starts with
 neither, or also names the other label, is wrong and counts as unparseable. mode=score instead
-compares the probabilities of the two label words (all of their tokens) after the prompt. num_samples=N evaluates N reviews drawn
-at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
+compares the probabilities of the two label words (all of their tokens) after the prompt.
+num_samples=N evaluates N reviews drawn at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
 positions of the reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one
 review a line) classifies those texts instead and writes nothing: for each, the label the model
 generates and the probabilities of the two label words after its prompt.
