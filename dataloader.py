@@ -48,10 +48,15 @@ def clean(text):
     return "" if text is None else str(text).strip()
 
 
+def split_label_words(label_words):
+    """'negative, positive' -> ['negative', 'positive'] (label 0's word first)."""
+    return [w.strip() for w in label_words.split(",")]
+
+
 def prompt_errors(template, label_words):
     """configurator.check rules for a prompt_template and label_words pair."""
     text = TEMPLATES.get(template, template)
-    words = [w.strip() for w in label_words.split(",")]
+    words = split_label_words(label_words)
     w = [x.lower() for x in words]
     two = len(words) == 2 and all(words)
     return [
@@ -82,7 +87,7 @@ class Prompt:
         if problem:
             raise ValueError(problem)
         self.template, self.label_words = template, label_words
-        self.words = tuple(w.strip() for w in label_words.split(","))
+        self.words = tuple(split_label_words(label_words))
         text = TEMPLATES.get(template, template)
         for name, word in zip(("{negative}", "{positive}"), self.words):
             text = text.replace(name, word)

@@ -31,7 +31,7 @@ import time
 
 from common import command_line, hold_out_dir, log_scale, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
-from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors
+from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors, split_label_words
 from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
@@ -114,8 +114,9 @@ def prompt_variant(template, words):
         name = template if template in TEMPLATES else 'custom'
         suffix, what, flags = f'-{name}', [f'template {name}'], [f'--prompt_template={template}']
     if words != DEFAULT_LABEL_WORDS:
-        suffix += ''.join('-' + re.sub(r'[^A-Za-z0-9]+', '_', w.strip()) for w in words.split(','))
-        what, flags = what + ['/'.join(w.strip() for w in words.split(','))], flags + [f'--label_words={words}']
+        pair = split_label_words(words)
+        suffix += ''.join('-' + re.sub(r'[^A-Za-z0-9]+', '_', w) for w in pair)
+        what, flags = what + ['/'.join(pair)], flags + [f'--label_words={words}']
     return suffix, (f", {', '.join(what)}" if what else ''), flags
 
 
