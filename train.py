@@ -5,6 +5,7 @@ Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or i
     python train.py configs/finetune_params_config.py --rank=0 --lr=1e-4 --out_dir=out-full   # full fine-tuning
     python train.py --init_from=resume --out_dir=gpt-lora-default            # continue a run as it was set up
     torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py   # data parallel
+    torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py --fsdp=True   # sharded
 
 With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does. Writes to
 out_dir: ckpt.pt (atomically; LoRA runs keep only the adapter by default), metrics.jsonl (one line
@@ -20,12 +21,16 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import base_fingerprint, model_from_checkpoint, read_checkpoint
@@ -88,16 +93,17 @@ device = 'auto'  # auto: cuda, else mps, else cpu; or cpu, cuda, cuda:1, mps
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 (+ gradient scaler) on older ones, else float32
 compile = False  # torch.compile the model
 grad_checkpoint = False  # recompute each block's activations in the backward pass: less memory, more compute
+fsdp = False  # under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2), not copy them (DDP)
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 # what a resumed run may change freely; everything else makes it differ from an uninterrupted run
 HARMLESS = {'out_dir', 'init_from', 'overwrite', 'max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only',
             'always_save_checkpoint', 'checkpoint', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
-            'compile', 'pad_multiple', 'grad_checkpoint'}
+            'compile', 'pad_multiple', 'grad_checkpoint', 'fsdp'}
 MODEL_SETTINGS = ('lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'lora_scaling', 'dropout', 'n_layer', 'n_head',
                   'n_embd', 'block_size')
-MACHINE_SETTINGS = ('device', 'dtype', 'compile', 'grad_checkpoint')  # a resumed run takes these from its new command line
+MACHINE_SETTINGS = ('device', 'dtype', 'compile', 'grad_checkpoint', 'fsdp')  # a resumed run takes these from its new command line
 
 # Ctrl-C, Colab's stop button, SIGTERM (Slurm, Kubernetes, `timeout`) or SIGHUP end a run at the
 # next step boundary, with a checkpoint; a second signal stops it at once
@@ -158,6 +164,8 @@ def check_settings(c):
         one_of('checkpoint', c.checkpoint, ('auto', 'full', 'adapter')),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
+        (c.fsdp and 'RANK' not in os.environ, "fsdp=True shards the model over torchrun's processes: start it with "
+                                              "torchrun --standalone --nproc_per_node=2 train.py ..., or drop --fsdp"),
     ])
 
 
@@ -184,7 +192,13 @@ def read_settings(argv):
         if k in MODEL_SETTINGS:
             raise ConfigError(f"{k}={c[k]} differs from the resumed run's {saved[k]}: a resumed run keeps its model; "
                               f"drop --{k}, or start a new run in another --out_dir")
-    notes = [f"{k} {saved[k]} -> {c[k]}" for k in changed]
+    notes = [f"{k} {saved[k]} -> {c[k]}" for k in changed if k != 'batch_size']
+    # a step's examples are batch_size from each process: the same step on other processes is the same run
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    saved_world = ckpt.get('world_size', world)
+    if 'batch_size' in saved and c.batch_size * world != saved['batch_size'] * saved_world:
+        notes.append(f"batch_size {saved['batch_size']} -> {c.batch_size}" if world == saved_world else
+                     f"a step's batch {saved['batch_size']} x {saved_world} processes -> {c.batch_size} x {world}")
     if schedule_follows_max_iters:
         notes.append(f"max_iters {saved['max_iters']} -> {c.max_iters} moves the end of the learning-rate decay")
     if notes and int(os.environ.get('RANK', 0)) == 0:
@@ -204,9 +218,9 @@ def ckpt_path(out_dir):
 
 
 def setup_runtime(c):
-    """Device, precision and, under torchrun, the process group."""
-    rt = SimpleNamespace(ddp=int(os.environ.get('RANK', -1)) != -1, rank=0, world=1)
-    if rt.ddp:
+    """Device, precision and, under torchrun, the process group (DDP, or FSDP with fsdp=True)."""
+    rt = SimpleNamespace(distributed='RANK' in os.environ, fsdp=c.fsdp, rank=0, world=1)
+    if rt.distributed:
         rt.rank, local_rank, rt.world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
         use_cuda = torch.cuda.is_available() and c.device != 'cpu'
         torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
@@ -216,6 +230,7 @@ def setup_runtime(c):
     else:
         rt.device = pick_device(c.device)
     rt.master = rt.rank == 0
+    rt.evaluates = rt.master or rt.fsdp  # and saves: under FSDP every process, each holding a shard; rank 0 writes
     rt.dtype = pick_dtype(c.dtype, rt.device)
     rt.ctx = autocast(rt.device, rt.dtype)
     return rt
@@ -270,27 +285,80 @@ def store_frozen_weights_in(model, dtype):
             module.weight.data = module.weight.data.to(getattr(torch, dtype))
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, c, progress):
-    """ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone. Weights
-    that are not all finite are never saved: a bad update must not replace the last good checkpoint."""
-    bad = next((n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+def save_checkpoint(path, raw_model, optimizer, scaler, c, progress, rt):
+    """
+    ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone. Weights
+    that are not all finite are never saved: a bad update must not replace the last good checkpoint.
+    Under FSDP every process calls it: the shards are gathered, and rank 0 writes the checkpoint one
+    process would have written, so it resumes with or without FSDP, on any number of processes.
+    """
+    bad = non_finite_parameter(raw_model, rt)
     if bad is not None:
         raise FloatingPointError(f"the weights became non-finite ({bad}) by iteration {progress.iter_num}; "
                                  f"{kept(c.out_dir)}; lower --learning_rate, or use --dtype=float32")
     adapter = c.checkpoint == 'adapter'
+    # keep_vars: the head's weight is wte's, one object, gathered and saved once
+    model_state = whole(lora_state_dict(raw_model) if adapter else raw_model.state_dict(keep_vars=rt.fsdp), rt.master)
+    optimizer_state = whole(optimizer.state_dict(), rt.master)
+    if not rt.master:
+        return
     save_atomic({
-        'model': lora_state_dict(raw_model) if adapter else raw_model.state_dict(),
+        'model': model_state,
         'adapter_only': adapter,
         'model_args': asdict(raw_model.config),
-        'optimizer': optimizer.state_dict(),
+        'optimizer': optimizer_state,
         **({'scaler': scaler.state_dict()} if scaler.is_enabled() else {}),
         'iter_num': progress.iter_num,
         'best_val_loss': progress.best_val_loss,
         'elapsed_s': progress.elapsed(),
         'base_model': progress.base_model,
         **({'base_fingerprint': progress.base_fingerprint} if adapter else {}),
+        'world_size': rt.world,
         'config': dict(c),
     }, path)
+
+
+def non_finite_parameter(raw_model, rt):
+    """The name of a trained parameter that is not all finite, or None. Under FSDP each process checks
+    its shards, and every process learns the answer."""
+    trained = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in raw_model.named_parameters()
+               if p.requires_grad]
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for _, p in trained]).int()
+    if rt.fsdp:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return next((n for (n, _), b in zip(trained, bad.tolist()) if b), None)
+
+
+def whole(state, keep):
+    """
+    A state_dict (nested) as one process holds it: FSDP's shards (DTensors) gathered into whole tensors
+    on the CPU, kept where keep (rank 0) and dropped elsewhere; every process must call it. A tensor
+    that appears twice is gathered once and stays one tensor. Without FSDP: state itself.
+    """
+    seen = {}
+
+    def gathered(v):
+        if isinstance(v, dict):
+            return {k: gathered(x) for k, x in v.items()}
+        if not isinstance(v, DTensor):
+            return v
+        if id(v) not in seen:
+            full = v.full_tensor().detach()
+            seen[id(v)] = full.cpu() if keep else None
+        return seen[id(v)]
+    return gathered(state)
+
+
+def sharded_like(optimizer, saved):
+    """A saved optimizer state_dict (one process's) with every tensor cut to this process's shard of its
+    parameter, to load into an optimizer of FSDP's sharded parameters. Without FSDP: saved itself."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
+
+    def cut(p, v):
+        if isinstance(p, DTensor) and v.shape == p.shape:  # not the step count
+            return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return v
+    return {**saved, 'state': {i: {k: cut(params[i], v) for k, v in s.items()} for i, s in saved['state'].items()}}
 
 
 class Progress:
@@ -458,7 +526,7 @@ class Trainer:
     train_loader: CustomDataLoader
     val_loader: CustomDataLoader = None
     progress: 'Progress' = None
-    log: 'RunLog' = None  # rank 0's
+    log: 'RunLog' = None  # rank 0's; None elsewhere
     saved: bool = False  # a checkpoint was saved in this run
 
     def __post_init__(self):
@@ -488,7 +556,7 @@ class Trainer:
                 n = int((y != -1).sum())
                 positions = label_positions(y, c, rt.device, compiled=c.compile)
                 x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                if rt.ddp:
+                if rt.distributed and not rt.fsdp:
                     model.require_backward_grad_sync = m == len(batches) - 1
                 with rt.ctx:
                     loss = model(x, y, positions=positions)[1]  # logits not kept alive through backward
@@ -515,28 +583,34 @@ class Trainer:
         if not all(map(math.isfinite, losses.values())):
             raise FloatingPointError(f"the loss became non-finite before iteration {it}; {kept(c.out_dir)}; "
                                      f"lower --learning_rate")
-        self.log.evaluation(it, losses, lr)
+        if self.log:
+            self.log.evaluation(it, losses, lr)
         improved = losses['val'] < progress.best_val_loss
         progress.best_val_loss = min(progress.best_val_loss, losses['val'])
         trained = it > self.start and not c.eval_only
         if trained and (c.always_save_checkpoint or improved or (last and not self.saved)):
             self.save()
-            print(f"saved checkpoint to {ckpt_path(c.out_dir)}")
+            if self.rt.master:
+                print(f"saved checkpoint to {ckpt_path(c.out_dir)}")
         return time.time() - t0
 
     def save(self):
-        save_checkpoint(ckpt_path(self.c.out_dir), self.raw_model, self.optimizer, self.scaler, self.c, self.progress)
+        save_checkpoint(ckpt_path(self.c.out_dir), self.raw_model, self.optimizer, self.scaler, self.c, self.progress,
+                        self.rt)
         self.saved = True
 
     def log_step(self, it, sums, grad_norm, lr, step_s, tokens_per_s):
-        """Print and log the mean loss since the last log step; a FloatingPointError if it is not finite."""
+        """Print and log the mean loss since the last log step (every process's examples); a FloatingPointError
+        on every process if it is not finite."""
+        if self.rt.distributed:
+            torch.distributed.all_reduce(sums)
         loss = check_finite(sums, it, self.c, None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
             self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s * self.rt.world)
 
     def stop_requested(self, it):
         """The number of the stop signal received, or 0; under torchrun every rank learns it at the same log step."""
-        if not self.rt.ddp:
+        if not self.rt.distributed:
             return STOP.get('signum', 0)
         if it % self.c.log_interval:
             return 0
@@ -548,33 +622,55 @@ class Trainer:
         """A stop signal: the weights saved as they are at this step boundary, unless they went bad."""
         c = self.c
         check_finite(sums, it, c)
-        if self.rt.master:
+        if self.rt.evaluates:
             self.save()
+        if self.rt.master:
             plot_losses(self.log.steps, self.log.evals, os.path.join(c.out_dir, 'loss_curve.png'), run_title(c))
             print(f"interrupted ({signal.Signals(signum).name}): saved checkpoint at iteration {it} to "
                   f"{ckpt_path(c.out_dir)}; continue with --init_from=resume --out_dir={c.out_dir}")
 
 
 def prepare_training(c, rt, raw_model, ckpt):
-    """The model on its device, as it trains (compiled, DDP), its optimizer and float16's gradient scaler."""
+    """
+    The model on its device, as it trains (sharded; compiled; under DDP), its optimizer and float16's
+    gradient scaler. Under FSDP the optimizer is built over the shards, so its state is sharded too.
+    """
     raw_model.to(rt.device).use_grad_checkpoint(c.grad_checkpoint)
     if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
         store_frozen_weights_in(raw_model, rt.dtype)
+    if rt.fsdp:
+        shard(raw_model)
     device_type = rt.device.split(':')[0]
     optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
                                                c.lora_plus_ratio)
-    scaler = torch.amp.GradScaler(device_type, enabled=rt.dtype == 'float16')
+    # a shard's overflow must skip the step on every process: FSDP's scaler agrees on it across them
+    scaler = (ShardedGradScaler if rt.fsdp else torch.amp.GradScaler)(device_type, enabled=rt.dtype == 'float16')
     if ckpt is not None:
         scales = [g['lr_scale'] for g in optimizer.param_groups]  # this command line's LoRA+ ratio
-        optimizer.load_state_dict(ckpt['optimizer'])
+        optimizer.load_state_dict(sharded_like(optimizer, ckpt['optimizer']))
         for group, scale in zip(optimizer.param_groups, scales):
             group['lr_scale'] = scale
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
     model = torch.compile(raw_model, dynamic=False) if c.compile else raw_model
-    if rt.ddp:
+    if rt.distributed and not rt.fsdp:
         model = DDP(model, device_ids=[rt.device] if rt.device.startswith('cuda') else None)
     return model, optimizer, scaler
+
+
+def shard(model):
+    """
+    FSDP2: each block, then the rest (the embeddings, whose weight the head shares, and ln_f), split
+    over the processes; a block's whole weights exist only while it computes, forward and backward.
+    """
+    # a block returns its keys and values as views; they are only ever read (the KV cache concatenates),
+    # so FSDP's warning about in-place changes to a view does not apply; nor does its scaler's, about its
+    # own one-element tensor
+    warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
+    warnings.filterwarnings('ignore', message='Found a non-scalar tensor with numel=1')
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
 
 
 def make_loaders(c, rt, data, enc, block_size):
@@ -618,7 +714,7 @@ def run(c, ckpt, rt):
         signum = train(t)
         if rt.master:
             log.close()
-    if rt.ddp:
+    if rt.distributed:
         torch.distributed.destroy_process_group()
     return 128 + signum if signum else 0
 
@@ -635,7 +731,7 @@ def train(t):
 
         # --- evaluate, and save a checkpoint -------------------------------------------------
         logged_before_it_stopped = c.init_from == 'resume' and it == start and not c.eval_only
-        if t.rt.master and (it % c.eval_interval == 0 or last) and not logged_before_it_stopped:
+        if t.rt.evaluates and (it % c.eval_interval == 0 or last) and not logged_before_it_stopped:
             t_log += t.evaluate(it, lr, last)
         if last:
             return 0

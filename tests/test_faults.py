@@ -98,7 +98,7 @@ def test_non_finite_weights_are_never_saved(tiny_ckpt, reviews, tmp_path):
     with pytest.raises(FloatingPointError, match=r"weights became non-finite \(transformer.h.0.attn.c_attn.lora_B\)"
                                                  r".*the last good checkpoint .* is kept"):
         train.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()),
-                              torch.amp.GradScaler("cpu", enabled=False), c, run)
+                              torch.amp.GradScaler("cpu", enabled=False), c, run, train.setup_runtime(c))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
