@@ -10,13 +10,15 @@ to out_dir (docs/ quotes bench/results.md, written with --out_dir=bench).
    rank 16 on the attention c_attn and c_proj, batch 16 of Rotten Tomatoes reviews, against
    GPT2LMHeadModel + PEFT; loss on all tokens, and on the label only. Both start from the same
    weights and LoRA matrices, and their first losses are checked equal before anything is timed.
+   Timed in the same rounds: our step with activation checkpointing, its cost in step time.
 2. eval: reviews per second of `python generate.py` (greedy, max_new_tokens=5; its own timing of the
    predictions) against transformers' generate on the same prompts, batches and weights; and of
    generate.py's score mode.
 3. latency: forward latency of a merged LoRA model against the model without LoRA (question 2.1).
 4. memory: peak memory of LoRA r=128 training, also with activation checkpointing, against full
    fine-tuning, gpt2-medium shapes (each in its own process: RSS on CPU,
-   torch.cuda.max_memory_allocated on GPU).
+   torch.cuda.max_memory_allocated on GPU); and per process of full fine-tuning under DDP and FSDP
+   with two processes (torchrun).
 5. flops: achieved FLOP/s of our training step as a share of this machine's matmul peak (measured
    here), and the share of computed tokens that are padding.
 6. bf16: our training step with bfloat16 autocast against float32 (where the hardware has it).
@@ -105,6 +107,13 @@ def bench_train(c, dev, sync, records):
             opt_ours.zero_grad(set_to_none=True)
             return loss
 
+        def step_checkpointed():  # the same step, each block recomputed in the backward pass
+            ours.use_grad_checkpoint(True)
+            try:
+                return step_ours()
+            finally:
+                ours.use_grad_checkpoint(False)
+
         def step_peft():
             # the usual transformers way: logits of every position, then the loss where a target is
             logits = peft(input_ids=x).logits
@@ -118,10 +127,12 @@ def bench_train(c, dev, sync, records):
             a, b = ours(x, y, positions=target_positions(y))[1].item(), torch.nn.functional.cross_entropy(
                 peft(input_ids=x).logits[keep], y[keep]).item()
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), f"initial losses differ: {a} vs {b}"
-        t = timed_rounds({'ours': step_ours, 'peft': step_peft}, c.rounds, sync)
+        t = timed_rounds({'ours': step_ours, 'peft': step_peft, 'checkpointed': step_checkpointed}, c.rounds, sync)
         tokens = int((x != 50256).sum())
         out[loss_on] = dict(initial_loss=a, tokens=tokens, ours_tokens_per_s=tokens / t['ours'],
-                            peft_tokens_per_s=tokens / t['peft'], ratio=t['peft'] / t['ours'])
+                            peft_tokens_per_s=tokens / t['peft'], ratio=t['peft'] / t['ours'],
+                            checkpointed_tokens_per_s=tokens / t['checkpointed'],
+                            checkpointing_cost=t['checkpointed'] / t['ours'])
     return out
 
 
@@ -174,22 +185,30 @@ def bench_latency(c, dev):
 
 
 MEMORY_CHILD = r'''
-import json, resource, sys, torch
+import json, os, resource, sys, torch
 sys.path.insert(0, {root!r})
+from torch.distributed.tensor import DTensor
 from lora import mark_only_lora_as_trainable
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, target_positions
-rank, dev = {rank}, {dev!r}
+rank, dev, layout = {rank}, {dev!r}, {layout!r}
 cpu = not dev.startswith('cuda')
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() if cpu else 0
+local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # this process's shard
 baseline = rss()  # the interpreter, torch and its libraries
+if layout != 'one':  # under torchrun, the process group as train.py starts it
+    torch.distributed.init_process_group('gloo' if cpu else 'nccl')
 torch.manual_seed(0)
 m = GPT(GPTConfig(**PRETRAINED_SHAPES[{model!r}], lora_rank=rank, lora_alpha=4.0 * max(rank, 1))).to(dev)
 m.use_grad_checkpoint({checkpointed})
 if rank:
     mark_only_lora_as_trainable(m)
+if layout == 'fsdp':
+    from train import shard
+    shard(m)
 opt = m.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+model = torch.nn.parallel.DistributedDataParallel(m) if layout == 'ddp' else m
 x = torch.randint(0, 50257, (8, 64), device=dev)
-params = {{p.untyped_storage().data_ptr() for p in m.parameters()}}
+params = {{local(p).untyped_storage().data_ptr() for p in m.parameters()}}
 saved = {{}}
 def pack(t):  # what autograd keeps for backward, each storage once
     st = t.untyped_storage()
@@ -199,27 +218,52 @@ def pack(t):  # what autograd keeps for backward, each storage once
 for i in range(2):
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(x, x, positions=target_positions(x))[1]
+        loss = model(x, x, positions=target_positions(x))[1]
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-weights = sum(p.numel() * p.element_size() for p in m.parameters())
-trained = [p for p in m.parameters() if p.requires_grad]
+weights = sum(local(p).numel() * p.element_size() for p in m.parameters())
+trained = [local(p) for p in m.parameters() if p.requires_grad]
 states = sum(p.numel() * p.element_size() for p in trained) + sum(  # gradients, then AdamW's moments
-   
-    v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    local(v).numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if cpu else torch.cuda.max_memory_allocated()
 print(json.dumps(dict(peak_bytes=peak, baseline_bytes=baseline, weight_bytes=weights, grad_and_adam_bytes=states,
                       saved_activation_bytes=sum(saved.values()))))
 '''
+# glibc's malloc keeps freed buffers for reuse once its mmap threshold has risen (to up to 32 MB);
+# a fixed threshold hands every buffer of 1 MiB or more back to the system when it is freed
+FIXED_MMAP = {'MALLOC_MMAP_THRESHOLD_': str(2**20)}
+# name: (lora rank, activation checkpointing, layout, environment); every run a batch of 8 x 64 per process
+MEMORY_RUNS = {
+    'lora_r128': (128, False, 'one', {}),
+    'full': (0, False, 'one', {}),
+    'lora_r128_checkpointed': (128, True, 'one', {}),
+    'full_ddp2': (0, False, 'ddp', {}),
+    'full_fsdp2': (0, False, 'fsdp', {}),
+    'full_fsdp2_checkpointed': (0, True, 'fsdp', {}),
+    'full_fixed_mmap': (0, False, 'one', FIXED_MMAP),
+    'lora_r128_checkpointed_fixed_mmap': (128, True, 'one', FIXED_MMAP),
+    'full_fsdp2_fixed_mmap': (0, False, 'fsdp', FIXED_MMAP),
+}
 
 
 def bench_memory(c, dev):
+    """Peak memory of each of MEMORY_RUNS in processes of its own; under DDP and FSDP two, on torchrun
+    (gloo on a CPU), and the larger of their two peaks."""
     out = {}
-    for name, rank, checkpointed in (('lora_r128', 128, False), ('full', 0, False), ('lora_r128_checkpointed', 128, True)):
-        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c.memory_model, checkpointed=checkpointed)
-        p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    for name, (rank, checkpointed, layout, env) in MEMORY_RUNS.items():
+        code = MEMORY_CHILD.format(root=ROOT, rank=rank, dev=dev, model=c.memory_model, checkpointed=checkpointed,
+                                   layout=layout)
+        with tempfile.TemporaryDirectory() as tmp:
+            script = os.path.join(tmp, 'memory_step.py')
+            with open(script, 'w') as f:
+                f.write(code)
+            launch = [] if layout == 'one' else ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+            p = subprocess.run([sys.executable, *launch, script], capture_output=True, text=True,
+                               env=dict(os.environ, **env), check=True)
+        processes = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{')]
+        out[name] = max(processes, key=lambda r: r['peak_bytes'])
     out['ratio'] = out['lora_r128']['peak_bytes'] / out['full']['peak_bytes']
-    out['checkpointed_ratio'] = out['lora_r128_checkpointed']['peak_bytes'] / out['full']['peak_bytes']
+    for name, (_, _, _, env) in MEMORY_RUNS.items():  # against full fine-tuning with the same allocator
+        out[name]['ratio_to_full'] = out[name]['peak_bytes'] / out['full_fixed_mmap' if env else 'full']['peak_bytes']
     return out
 
 
@@ -280,6 +324,11 @@ def write_results(res, c, argv, dev):
             r = res['train'][k]
             lines.append(row(f"LoRA r=16 training step, gpt2 shapes, loss on {k} tokens", f"{r['ours_tokens_per_s']:,.0f} tok/s",
                              f"{r['peft_tokens_per_s']:,.0f} tok/s (HF + PEFT)", f"{r['ratio']:.2f}x", target))
+        for k in ('all', 'label'):
+            r = res['train'][k]
+            lines.append(row(f"... its step time with activation checkpointing, loss on {k} tokens",
+                             f"{r['checkpointed_tokens_per_s']:,.0f} tok/s", f"{r['ours_tokens_per_s']:,.0f} tok/s "
+                             f"(without)", f"{r['checkpointing_cost']:.2f}x the time", "-"))
     if 'eval' in res:
         r = res['eval']
         hf = f"{r['hf_reviews_per_s']:.1f} reviews/s (transformers generate)"
@@ -296,9 +345,16 @@ def write_results(res, c, argv, dev):
         r = res['memory']
         lines.append(row(f"peak training memory, {c.memory_model} shapes", f"{r['lora_r128']['peak_bytes'] / 2**30:.2f} GiB (LoRA r=128)",
                          f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning)", f"{r['ratio']:.2f}x", "<= 0.4x"))
-        lines.append(row("... with activation checkpointing", f"{r['lora_r128_checkpointed']['peak_bytes'] / 2**30:.2f} GiB "
-                         f"(LoRA r=128)", f"{r['full']['peak_bytes'] / 2**30:.2f} GiB (full fine-tuning)",
-                         f"{r['checkpointed_ratio']:.2f}x", "<= 0.3x"))
+        for name, what, target in (
+                ('lora_r128_checkpointed', '... LoRA r=128 with activation checkpointing', '<= 0.3x'),
+                ('full_ddp2', 'full fine-tuning, DDP over 2 processes, per process', '-'),
+                ('full_fsdp2', 'full fine-tuning, FSDP over 2 processes, per process', '<= 0.6x'),
+                ('full_fsdp2_checkpointed', '... FSDP with activation checkpointing', '-'),
+                ('lora_r128_checkpointed_fixed_mmap', 'LoRA r=128 checkpointed, MALLOC_MMAP_THRESHOLD_=1048576', '<= 0.3x'),
+                ('full_fsdp2_fixed_mmap', 'full fine-tuning, FSDP over 2, MALLOC_MMAP_THRESHOLD_=1048576', '<= 0.6x')):
+            full = 'full_fixed_mmap' if MEMORY_RUNS[name][3] else 'full'
+            lines.append(row(what, f"{r[name]['peak_bytes'] / 2**30:.2f} GiB", f"{r[full]['peak_bytes'] / 2**30:.2f} GiB "
+                             f"(full fine-tuning, one process)", f"{r[name]['ratio_to_full']:.2f}x", target))
     if 'flops' in res:
         r = res['flops']
         lines.append(row("achieved FLOP/s of a LoRA training step", f"{r['step_flops_per_s'] / 1e9:.1f} GFLOP/s",
@@ -314,7 +370,7 @@ def write_results(res, c, argv, dev):
                   "the rest: transient buffers and allocator slack):", "",
                   row('run', 'peak', 'process before the model', 'weights', 'gradients + AdamW', 'activations', 'rest'),
                   row(*['---'] * 7)]
-        for name in ('lora_r128', 'lora_r128_checkpointed', 'full'):
+        for name in MEMORY_RUNS:
             r = res['memory'][name]
             parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
             lines.append(row(name, *(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts, r['peak_bytes'] - sum(parts)))))
