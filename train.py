@@ -520,7 +520,7 @@ class Trainer:
     c: Settings
     rt: SimpleNamespace  # device, dtype, autocast context, ranks (setup_runtime)
     raw_model: GPT
-    model: torch.nn.Module  # raw_model as it trains: compiled, under DDP
+    model: torch.nn.Module  # raw_model as it trains: compiled, under DDP (FSDP shards raw_model itself)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_loader: CustomDataLoader

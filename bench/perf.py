@@ -27,6 +27,7 @@ Timings alternate between the contenders round after round and report medians, s
 slows both alike.
 """
 
+import copy
 import json
 import os
 import statistics
@@ -92,7 +93,10 @@ def first_batch(c, dev, records, loss_on='label', bucket=32):
 
 def bench_train(c, dev, sync, records):
     ours, peft = gpt2_small_pair(dev)
-    opt_ours = ours.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+    # a copy of ours with activation checkpointing: ours and peft must take the same steps (checked below)
+    recomputing = copy.deepcopy(ours).use_grad_checkpoint(True)
+    opt_ours, opt_recomputing = (m.configure_optimizers(0.0, 1e-4, (0.9, 0.95), dev.split(':')[0])
+                                 for m in (ours, recomputing))
     opt_peft = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                  weight_decay=0.0)
     out = {}
@@ -100,19 +104,15 @@ def bench_train(c, dev, sync, records):
         x, y, _ = first_batch(c, dev, records, loss_on)
         keep = y != -1
 
-        def step_ours():
-            _, loss = ours(x, y, positions=target_positions(y))
+        def step_ours(model=ours, opt=opt_ours):
+            _, loss = model(x, y, positions=target_positions(y))
             loss.backward()
-            opt_ours.step()
-            opt_ours.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             return loss
 
         def step_checkpointed():  # the same step, each block recomputed in the backward pass
-            ours.use_grad_checkpoint(True)
-            try:
-                return step_ours()
-            finally:
-                ours.use_grad_checkpoint(False)
+            return step_ours(recomputing, opt_recomputing)
 
         def step_peft():
             # the usual transformers way: logits of every position, then the loss where a target is

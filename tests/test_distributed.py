@@ -11,13 +11,14 @@ import torch
 
 import generate
 import train
+from common import hold_out_dir
 from configurator import ConfigError
 from conftest import ROOT
 
 
-def torchrun(*flags, timeout=240):
-    """train.py on two processes. --standalone rendezvouses on a free port; the whole process group is
-    killed past timeout, so a process that fails or hangs cannot hold the suite."""
+def torchrun(*flags, timeout=240, ok=True):
+    """train.py's output on two processes. --standalone rendezvouses on a free port; the whole process
+    group is killed past timeout, so a process that fails or hangs cannot hold the suite."""
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", *flags], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -27,8 +28,8 @@ def torchrun(*flags, timeout=240):
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
         pytest.fail(f"torchrun ran past {timeout} s:\n{err[-3000:]}")
-    assert p.returncode == 0, err[-3000:]
-    return out
+    assert (p.returncode == 0) == ok, err[-3000:]
+    return out if ok else err
 
 
 def flags(tiny_ckpt, reviews, out_dir, *more):
@@ -114,3 +115,13 @@ def test_fsdp_without_torchrun_is_one_clear_error(tiny_ckpt, reviews, tmp_path):
     with pytest.raises(ConfigError, match="fsdp=True shards the model over torchrun's processes: start it with torchrun"):
         train.main(flags(tiny_ckpt, reviews, tmp_path / "out", "--fsdp=True"))
     assert not (tmp_path / "out").exists()
+
+
+def test_when_one_process_fails_the_other_is_stopped(tiny_ckpt, reviews, tmp_path):
+    """Rank 0 finds out_dir in use and stops with one line; rank 1, already on its way to the first
+    collective, is stopped by torchrun, and nothing is written."""
+    out = tmp_path / "busy"
+    with hold_out_dir(str(out), "another run"):
+        err = torchrun(*flags(tiny_ckpt, reviews, out, "--fsdp=True", "--max_iters=2"), timeout=120, ok=False)
+        assert os.listdir(out) == [".lock"]  # ours
+    assert f"error: {out} is in use by process {os.getpid()} (another run" in err
