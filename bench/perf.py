@@ -195,8 +195,11 @@ cpu = not dev.startswith('cuda')
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() if cpu else 0
 local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # this process's shard
 baseline = rss()  # the interpreter, torch and its libraries
-if layout != 'one':  # under torchrun, the process group as train.py starts it
+if layout != 'one':  # under torchrun, the process group and device as train.py sets them up
     torch.distributed.init_process_group('gloo' if cpu else 'nccl')
+    if not cpu:
+        dev = f"cuda:{{os.environ['LOCAL_RANK']}}"
+        torch.cuda.set_device(dev)
 torch.manual_seed(0)
 m = GPT(GPTConfig(**PRETRAINED_SHAPES[{model!r}], lora_rank=rank, lora_alpha=4.0 * max(rank, 1))).to(dev)
 m.use_grad_checkpoint({checkpointed})
