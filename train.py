@@ -715,6 +715,9 @@ def run(c, ckpt, rt):
         if rt.master:
             log.close()
     if rt.distributed:
+        # every process waits here first, the GIL released: a gloo thread that still has to free a tensor
+        # needs the GIL, which the group's destructor would hold while it waits for that thread
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 128 + signum if signum else 0
 

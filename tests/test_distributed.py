@@ -1,10 +1,13 @@
 """train.py under torchrun with two gloo processes on the CPU: DDP and FSDP give a one-process run's
 weights on the same examples, and FSDP's checkpoint resumes with and without it."""
+import contextlib
+import glob
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -17,19 +20,42 @@ from conftest import ROOT
 
 
 def torchrun(*flags, timeout=240, ok=True):
-    """train.py's output on two processes. --standalone rendezvouses on a free port; the whole process
-    group is killed past timeout, so a process that fails or hangs cannot hold the suite."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *flags], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"torchrun ran past {timeout} s:\n{err[-3000:]}")
+    """train.py's output on two processes. --standalone rendezvouses on a free port. Output goes to files,
+    not pipes, and past timeout torchrun and its workers (each in a session of its own) are killed, so a
+    process that fails or hangs cannot hold the suite."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *flags], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=out, stderr=err, text=True)
+        timed_out = False
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for pid in [*descendants(p.pid), p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+        out.seek(0), err.seek(0)
+        out, err = out.read(), err.read()
+    assert not timed_out, f"torchrun ran past {timeout} s:\n{err[-3000:]}"
     assert (p.returncode == 0) == ok, err[-3000:]
     return out if ok else err
+
+
+def descendants(pid):
+    """The processes started by pid, and by them, and so on (Linux's /proc)."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def flags(tiny_ckpt, reviews, out_dir, *more):
