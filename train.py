@@ -349,10 +349,15 @@ def whole(state, keep):
     return gathered(state)
 
 
+def optimized(optimizer):
+    """The optimizer's parameters in the order its state_dict numbers them."""
+    return [p for group in optimizer.param_groups for p in group['params']]
+
+
 def sharded_like(optimizer, saved):
     """A saved optimizer state_dict (one process's) with every tensor cut to this process's shard of its
     parameter, to load into an optimizer of FSDP's sharded parameters. Without FSDP: saved itself."""
-    params = [p for group in optimizer.param_groups for p in group['params']]
+    params = optimized(optimizer)
 
     def cut(p, v):
         if isinstance(p, DTensor) and v.shape == p.shape:  # not the step count
@@ -568,8 +573,8 @@ class Trainer:
                               f"{max(1, c.batch_size // 2)} --gradient_accumulation_steps="
                               f"{2 * c.gradient_accumulation_steps} (the same step in smaller pieces)") from None
         self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group['params']]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float('inf'))
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimized(self.optimizer),
+                                                   c.grad_clip if c.grad_clip > 0 else float('inf'))
         self.scaler.step(self.optimizer)  # float16: a step whose gradients overflowed is skipped, by design
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
