@@ -1,19 +1,45 @@
 """
-Reading train.py's checkpoints: ckpt.pt holds the whole model, or only the LoRA tensors on top of a
-base model that is reloaded (GPT.from_pretrained) and checked against the fingerprint saved with them.
+train.py's checkpoints: ckpt.pt holds the whole model, or only the LoRA tensors on top of a base
+model that is reloaded (GPT.from_pretrained) and checked against the fingerprint saved with them.
 
     model, ckpt = load_checkpoint("out/ckpt.pt")
+    save_checkpoint(ckpt_path(out_dir), model, optimizer, scaler, c, progress, rt)   # train.py
+
+A checkpoint is written atomically (a crash leaves the old one or the new one) and never holds
+non-finite weights.
 """
 
 import hashlib
 import os
+import time
 from dataclasses import asdict
 
 import torch
 
-from common import error_summary
+from common import error_summary, save_atomic
+from configurator import ConfigError
+from distributed import non_finite_parameter, whole
 from lora import is_lora_param, lora_state_dict
 from model import GPT, OVERRIDABLE, GPTConfig
+
+
+# what a resumed run may change freely; everything else makes it differ from an uninterrupted run
+HARMLESS = {"out_dir", "init_from", "overwrite", "max_iters", "eval_interval", "eval_iters", "log_interval", "eval_only",
+            "always_save_checkpoint", "checkpoint", "wandb_log", "wandb_project", "wandb_run_name", "device",
+            "compile", "pad_multiple", "grad_checkpoint", "fsdp"}
+MODEL_SETTINGS = (*OVERRIDABLE, "n_layer", "n_head", "n_embd", "block_size")  # a resumed run keeps its model
+MACHINE_SETTINGS = ("device", "dtype", "compile", "grad_checkpoint", "fsdp")  # taken from the new command line
+
+
+def ckpt_path(out_dir):
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+def kept(out_dir):
+    """What a run that stops on a fault leaves: its last good checkpoint, or none."""
+    path = ckpt_path(out_dir)
+    return f"the last good checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint was saved yet"
+
 
 def base_fingerprint(model):
     """The SHA-256 of every element of the model's non-LoRA weights (as float32): tells whether a base model
@@ -78,3 +104,86 @@ def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict) from a train.py ckpt.pt, whole or adapter-only."""
     ckpt = read_checkpoint(path, device)
     return model_from_checkpoint(ckpt, path), ckpt
+
+
+def saved_settings(ckpt, defaults):
+    """The settings a checkpoint's run was made with (of those in defaults), but the machine's."""
+    # an imported adapter's checkpoint has no settings of its own, only its model's
+    saved = {k: ckpt["model_args"][k] for k in OVERRIDABLE if k in ckpt["model_args"]}
+    saved.update((k, v) for k, v in ckpt.get("config", {}).items() if k in defaults and k not in MACHINE_SETTINGS)
+    return saved
+
+
+def resume_notes(c, saved, ckpt):
+    """
+    How a resumed run's settings c make it differ from the uninterrupted run of saved (one note each),
+    or a ConfigError for a change to the model, which a resumed run keeps.
+    """
+    changed = [k for k in saved if c[k] != saved[k] and k not in HARMLESS]
+    for k in changed:
+        if k in MODEL_SETTINGS:
+            raise ConfigError(f"{k}={c[k]} differs from the resumed run's {saved[k]}: a resumed run keeps its model; "
+                              f"drop --{k}, or start a new run in another --out_dir")
+    notes = [f"{k} {saved[k]} -> {c[k]}" for k in changed if k != "batch_size"]
+    # a step's examples are batch_size from each process: the same step on other processes is the same run
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    saved_world = ckpt.get("world_size", world)
+    if "batch_size" in saved and c.batch_size * world != saved["batch_size"] * saved_world:
+        notes.append(f"batch_size {saved['batch_size']} -> {c.batch_size}" if world == saved_world else
+                     f"a step's batch {saved['batch_size']} x {saved_world} processes -> {c.batch_size} x {world}")
+    if c.decay_lr and not c.lr_decay_iters and c.max_iters != saved.get("max_iters"):
+        notes.append(f"max_iters {saved['max_iters']} -> {c.max_iters} moves the end of the learning-rate decay")
+    return notes
+
+
+def diverged(what, it, out_dir, detail=""):
+    """The error that stops a run whose loss, gradients or weights became non-finite (what: which)."""
+    return FloatingPointError(f"{what} became non-finite{detail} by iteration {it}; {kept(out_dir)}; "
+                              f"lower --learning_rate, or use --dtype=float32")
+
+
+class Progress:
+    """Where the run stands: iteration, best validation loss, seconds trained (over resumes), its base model."""
+
+    def __init__(self, base_model, fingerprint, ckpt=None):
+        self.iter_num, self.best_val_loss, self.elapsed0 = 0, float("inf"), 0.0
+        self.base_model, self.base_fingerprint = base_model, fingerprint
+        if ckpt is not None:
+            self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+            self.elapsed0 = ckpt.get("elapsed_s", 0.0)
+        self.t_start = time.time()
+
+    def elapsed(self):
+        return self.elapsed0 + time.time() - self.t_start
+
+
+def save_checkpoint(path, raw_model, optimizer, scaler, c, progress, rt):
+    """
+    ckpt.pt, atomically: un-merged W plus lora_A/lora_B (see lora.py), or lora_A/lora_B alone. Weights
+    that are not all finite are never saved: a bad update must not replace the last good checkpoint.
+    Under FSDP every process calls it: the shards are gathered, and rank 0 writes the checkpoint one
+    process would have written, so it resumes with or without FSDP, on any number of processes.
+    """
+    bad = non_finite_parameter(raw_model, rt)
+    if bad is not None:
+        raise diverged("the weights", progress.iter_num, c.out_dir, f" ({bad})")
+    adapter = c.checkpoint == "adapter"
+    # keep_vars: the head's weight is wte's, one object, gathered and saved once
+    model_state = whole(lora_state_dict(raw_model) if adapter else raw_model.state_dict(keep_vars=rt.fsdp), rt)
+    optimizer_state = whole(optimizer.state_dict(), rt)
+    if not rt.master:
+        return
+    save_atomic({
+        "model": model_state,
+        "adapter_only": adapter,
+        "model_args": asdict(raw_model.config),
+        "optimizer": optimizer_state,
+        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+        "iter_num": progress.iter_num,
+        "best_val_loss": progress.best_val_loss,
+        "elapsed_s": progress.elapsed(),
+        "base_model": progress.base_model,
+        **({"base_fingerprint": progress.base_fingerprint} if adapter else {}),
+        "world_size": rt.world,
+        "config": dict(c),
+    }, path)

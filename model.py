@@ -29,8 +29,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from configurator import check, configure, one_of, run_cli, settings_of
-from hf_checkpoint import read_hf_checkpoint
 from lora import LoRALinear, LoRASlicedLinear, is_lora_param, mark_only_lora_as_trainable, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
@@ -41,9 +39,14 @@ PRETRAINED_SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_scaling")
-# where LoRA goes: the handout's attention projections; the LoRA paper's query and value only (slices
-# of the fused c_attn); or the attention and the MLP
-LORA_TARGETS = ("attn", "qv", "attn_mlp")
+# where LoRA goes, by lora_targets: the handout's attention projections; the LoRA paper's query and
+# value only (slices of the fused c_attn, "c_attn[q,v]"); or the attention and the MLP
+LORA_LAYERS = {
+    "attn": ("attn.c_attn", "attn.c_proj"),
+    "qv": ("attn.c_attn[q,v]",),
+    "attn_mlp": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+LORA_TARGETS = tuple(LORA_LAYERS)
 LORA_SCALINGS = ("standard", "rslora")
 
 
@@ -66,9 +69,9 @@ class GPTConfig:
         assert self.lora_targets in LORA_TARGETS, f"lora_targets must be one of {LORA_TARGETS}"
         assert self.lora_scaling in LORA_SCALINGS, f"lora_scaling must be one of {LORA_SCALINGS}"
 
-    def lora(self, *targets):
-        """LoRALinear's LoRA arguments for a layer that is adapted under any of these lora_targets."""
-        on = self.lora_rank > 0 and self.lora_targets in targets
+    def lora(self, layer):
+        """LoRALinear's LoRA arguments for a layer (its name in LORA_LAYERS): rank 0 where LoRA does not go."""
+        on = self.lora_rank > 0 and layer in LORA_LAYERS[self.lora_targets]
         return dict(lora_rank=self.lora_rank if on else 0, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                     rslora=self.lora_scaling == "rslora")
 
@@ -78,21 +81,20 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
+        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **config.lora("attn.c_attn"))
+        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn.c_proj"))
         if config.lora_targets == "qv":  # the query and value slices of c_attn, no update for the key
             self.c_attn = LoRASlicedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias,
-                                           lora_slices=(True, False, True), **config.lora("qv"))
-        else:
-            self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **config.lora(*LORA_TARGETS))
-        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn", "attn_mlp"))
+                                           lora_slices=(True, False, True), **config.lora("attn.c_attn[q,v]"))
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x, past=None, mask=None, first=0):
+    def forward(self, x, past=None, mask=None, start=0):
         """
         past: (k, v) of earlier positions or None; mask: (B, 1, T, S) bool, True = may attend.
-        Outputs only positions first.. of x; all of x's keys and values go into the cache.
+        Outputs only positions start.. of x; all of x's keys and values go into the cache.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -100,10 +102,10 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        q = q[:, :, first:]
-        Tq, S = T - first, k.size(2)
+        q = q[:, :, start:]
+        Tq, S = T - start, k.size(2)
         if mask is not None:
-            mask = mask[:, :, first:]
+            mask = mask[:, :, start:]
         elif Tq > 1 and Tq < S:  # causal, the queries being the last Tq of S positions
             mask = torch.ones(Tq, S, dtype=torch.bool, device=x.device).tril(S - Tq)
         # no mask at all: a plain causal prefix, or one query that may see everything before it
@@ -117,8 +119,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
-        self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn_mlp"))
+        self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias, **config.lora("mlp.c_fc"))
+        self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias, **config.lora("mlp.c_proj"))
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = gelu  # GPT.use_fast_gelu() swaps it for inference on a CPU
 
@@ -126,8 +128,8 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-def block_output(block, x, mask, first):
-    return block(x, None, mask, first)[0]
+def block_output(block, x, mask, start):
+    return block(x, None, mask, start)[0]
 
 
 def gelu(x):
@@ -154,11 +156,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, past=None, mask=None, first=0):
-        a, present = self.attn(self.ln_1(x), past, mask, first)
-        x = x[:, first:] + a
+    def forward(self, x, past=None, mask=None, start=0):
+        a, present = self.attn(self.ln_1(x), past, mask, start)
+        x = x[:, start:] + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
+
+
+def target_positions(targets, trim=True):
+    """
+    Where a (B, T) target tensor (-1 = none) has targets: (start, index) with start the first column
+    that holds one (0 unless trim) and index their flat positions in targets[:, start:].
+    """
+    keep = targets != -1
+    columns = keep.any(0).nonzero()
+    start = int(columns[0]) if trim and len(columns) else 0
+    return start, keep[:, start:].reshape(-1).nonzero().squeeze(1)
 
 
 class GPT(nn.Module):
@@ -192,16 +205,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def get_num_params(self, non_embedding=True):
-        """Parameters (the tied embedding counted once); non_embedding leaves out the positions."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
-    def hidden_states(self, idx, pos=None, mask=None, past=None, first=0):
+    def hidden_states(self, idx, pos=None, mask=None, past=None, start=0):
         """
-        Final-LayerNorm output (B, T - first, C) of positions first.. of idx, and each layer's (k, v).
+        Final-LayerNorm output (B, T - start, C) of positions start.. of idx, and each layer's (k, v).
         The last block computes only those positions: the earlier ones matter to it only as keys and
         values, which the blocks before it have already given it.
         """
@@ -213,7 +219,7 @@ class GPT(nn.Module):
         presents = []
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            f = first if i == last else 0
+            f = start if i == last else 0
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 # the block's output alone: its keys and values (the cache) would keep what is recomputed
                 x, kv = checkpoint(block_output, block, x, mask, f, use_reentrant=False), None
@@ -232,7 +238,7 @@ class GPT(nn.Module):
         if positions is not None:
             return self.label_loss(idx, targets, positions)
         if targets is None:
-            x, _ = self.hidden_states(idx, first=idx.size(1) - 1)
+            x, _ = self.hidden_states(idx, start=idx.size(1) - 1)
             return self.lm_head(x), None
         x, _ = self.hidden_states(idx)
         logits = self.lm_head(x)
@@ -247,10 +253,10 @@ class GPT(nn.Module):
         positions: target_positions(targets), found wherever the targets are (train.py does it on the
         host before a batch moves, so the GPU never waits to learn them).
         """
-        first, index = positions
-        x, _ = self.hidden_states(idx, first=first)
+        start, index = positions
+        x, _ = self.hidden_states(idx, start=start)
         logits = self.lm_head(x.reshape(-1, x.size(-1))[index])
-        return logits, F.cross_entropy(logits, targets[:, first:].reshape(-1)[index])
+        return logits, F.cross_entropy(logits, targets[:, start:].reshape(-1)[index])
 
     def use_grad_checkpoint(self, on=True):
         """
@@ -270,6 +276,17 @@ class GPT(nn.Module):
             block.mlp.gelu = gelu_sigmoid if on else gelu
         return self
 
+    def frozen_weights_to(self, dtype):
+        """
+        Keep the frozen weights of the linear layers in dtype (the autocast one): half the memory, and no
+        float32-to-half cast of them in every step. The LoRA matrices, their gradients and AdamW's state
+        stay float32; so do embeddings and LayerNorms, which feed the float32 residual stream.
+        """
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad and name != "lm_head":
+                module.weight.data = module.weight.data.to(dtype)
+        return self
+
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. to save memory when fine-tuning on short texts)."""
         assert block_size <= self.config.block_size
@@ -282,6 +299,7 @@ class GPT(nn.Module):
         GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory.
         override_args may set dropout and the LoRA settings; the rest comes from the checkpoint.
         """
+        from hf_checkpoint import read_hf_checkpoint  # Hugging Face's libraries only when a checkpoint is read
         override_args = dict(override_args or {})
         unknown = sorted(set(override_args) - set(OVERRIDABLE))
         if unknown:
@@ -315,6 +333,8 @@ class GPT(nn.Module):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas,
                                  **(dict(fused=True) if fused else {}))
 
+    # --- inference: a key/value cache, left-padded batches, a shared prefix, label-word probabilities ---
+
     @staticmethod
     def _attention_mask(key_mask, T):
         """(B, 1, T, S) bool for the last T of S positions: causal, and never onto padding."""
@@ -331,9 +351,15 @@ class GPT(nn.Module):
         T = x.size(1)
         pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # left padding: real tokens count from 0
         mask = self._attention_mask(key_mask, T) if padded else None
-        h, past = self.hidden_states(x, pos, mask, past, first=T - 1)
+        h, past = self.hidden_states(x, pos, mask, past, start=T - 1)
         # (vocab, C) @ (C, B), transposed: on CPU 1.7x as fast as F.linear for a batch of 32 rows
         return (self.lm_head.weight @ h[:, -1, :].T).T.float(), past
+
+    def _after_token(self, token, key_mask, padded, past):
+        """(logits, key mask, cache) once every row has one more token (B, 1): a new token is never padding."""
+        key_mask = torch.cat((key_mask, torch.ones_like(token, dtype=torch.bool)), dim=1)
+        logits, past = self._next_logits(token, key_mask, padded, past)
+        return logits, key_mask, past
 
     @torch.no_grad()
     def prefix_cache(self, ids):
@@ -343,7 +369,7 @@ class GPT(nn.Module):
         """
         idx = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head.weight.device)[None]
         assert 0 < idx.size(1) < self.config.block_size, "a prefix must be shorter than the block size"
-        return self.hidden_states(idx, first=idx.size(1) - 1)[1]
+        return self.hidden_states(idx, start=idx.size(1) - 1)[1]
 
     @staticmethod
     def _continue(idx, attention_mask, prefix):
@@ -365,14 +391,12 @@ class GPT(nn.Module):
         key_mask, past = self._continue(idx, attention_mask, prefix)
         padded = not bool(key_mask.all())
         logits, past = self._next_logits(idx, key_mask, padded, past)
-        first = logits.log_softmax(dim=-1)
+        after_rows = logits.log_softmax(dim=-1)
         out = []
         for ids in continuations:
-            logprob, cache, mask = first[:, ids[0]], past, key_mask
+            logprob, cache, mask = after_rows[:, ids[0]], past, key_mask
             for prev, token in zip(ids, ids[1:]):
-                x = idx.new_full((idx.size(0), 1), prev)
-                mask = torch.cat((mask, torch.ones_like(x, dtype=torch.bool)), dim=1)
-                logits, cache = self._next_logits(x, mask, padded, cache)
+                logits, mask, cache = self._after_token(idx.new_full((idx.size(0), 1), prev), mask, padded, cache)
                 logprob = logprob + logits.log_softmax(dim=-1)[:, token]
             out.append(logprob)
         return torch.stack(out, dim=1)
@@ -393,32 +417,25 @@ class GPT(nn.Module):
             attention_mask = attention_mask[:, -keep:]
         key_mask, past = self._continue(idx, attention_mask, prefix)
         padded = not bool(key_mask.all())  # new tokens are never padding: decided once
-        out, x = idx, idx
-        for _ in range(max_new_tokens):
-            logits, past = self._next_logits(x, key_mask, padded, past)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+        logits, past = self._next_logits(idx, key_mask, padded, past)
+        out = idx
+        for i in range(max_new_tokens):
+            idx_next = sample(logits, temperature, top_k, generator)
             out = torch.cat((out, idx_next), dim=1)
-            x = idx_next
-            key_mask = torch.cat((key_mask, torch.ones_like(idx_next, dtype=torch.bool)), dim=1)
+            if i + 1 < max_new_tokens:
+                logits, key_mask, past = self._after_token(idx_next, key_mask, padded, past)
         return out
 
 
-def target_positions(targets, trim=True):
-    """
-    Where a (B, T) target tensor (-1 = none) has targets: (first, index) with first the first column
-    that holds one (0 unless trim) and index their flat positions in targets[:, first:].
-    """
-    keep = targets != -1
-    columns = keep.any(0).nonzero()
-    first = int(columns[0]) if trim and len(columns) else 0
-    return first, keep[:, first:].reshape(-1).nonzero().squeeze(1)
+def sample(logits, temperature=1.0, top_k=None, generator=None):
+    """The next token (B, 1) from logits (B, vocab): the likeliest at temperature 0, else drawn from the top_k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
@@ -432,6 +449,7 @@ def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
 
 
 def print_parameter_table(argv):
+    from configurator import check, configure, one_of, settings_of
     c = configure(settings_of(globals()), argv)
     check([one_of("lora_targets", c.lora_targets, LORA_TARGETS)])
     print(f"LoRA on {c.lora_targets}")
@@ -449,4 +467,5 @@ ranks = "16,128,196"
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    from configurator import run_cli
     sys.exit(run_cli(print_parameter_table, sys.argv[1:], __file__))

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import runlog
 import train
 from configurator import ConfigError, Settings
 from checkpoint import load_checkpoint
@@ -183,7 +184,7 @@ def test_frozen_weights_in_half_precision_train_lora_as_float32_does():
     from dataloader import CustomDataLoader
     loader = CustomDataLoader(varied_reviews(40), tiktoken.get_encoding("gpt2"), 4, block_size=128)
     models = [tiny_lora_model(), tiny_lora_model()]
-    train.store_frozen_weights_in(models[1], "bfloat16")
+    models[1].frozen_weights_to(torch.bfloat16)
     attn = models[1].transformer.h[0].attn.c_attn
     assert attn.weight.dtype == models[1].transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     assert attn.lora_A.dtype == models[1].transformer.wte.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
@@ -210,7 +211,7 @@ def test_the_loss_plot_reads_at_a_glance(tiny_ckpt, reviews, tmp_path):
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["iter"] for r in steps] == [0, 1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 5]
     config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
-    fig = train.loss_figure(steps, evals, train.run_title(Settings(config)))
+    fig = runlog.loss_figure(steps, evals, runlog.run_title(Settings(config)))
     ax, later = fig.axes  # the whole run on a log scale, and from the second evaluation on, linear
     training, validation = ax.get_lines()
     assert list(training.get_xdata()) == [0, 1, 2, 3, 4] and training.get_linestyle() == "-"
