@@ -8,6 +8,7 @@ the model generates after the prompt it was trained on.
     python generate.py --init_from=resume --out_dir=gpt-lora-default --mode=score --num_samples=200
     python generate.py --init_from=resume --out_dir=gpt-lora-default --review="an utterly charmless film"
     python generate.py --init_from=gpt2-medium --prompt_template=bare --label_words=bad,good --out_dir=gpt2-medium-zero-shot-bare
+    python generate.py --init_from=gpt2-medium --prompt="Q: Is the sky blue? A:" --max_new_tokens=40
 
 The prompt is the run's own (resume: the prompt_template and label_words it was trained with) or
 the homework's instruction. A prediction is the label word (positive / negative by default) that the
@@ -17,18 +18,20 @@ compares the probabilities of the two label words (all of their tokens) after th
 num_samples=N evaluates N reviews drawn at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
 positions of the reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one
 review a line) classifies those texts instead and writes nothing: for each, the label the model
-generates and the probabilities of the two label words after its prompt.
+generates and the probabilities of the two label words after its prompt. prompt prints the model's
+continuation of a text of your own (few-shot or chain-of-thought prompts) and writes nothing.
 """
 
 import json
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint
+from checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
                     pick_dtype, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
@@ -53,6 +56,8 @@ temperature = 0.0  # 0: greedy decoding; > 0: sampling
 top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
 review = ''  # classify this text instead of a split: its label and both label words' probabilities
 reviews_file = ''  # ... or each line of this file
+prompt = ''  # print the model's continuation of this text (FILE:path: of a file's text) and write nothing
+num_continuations = 1  # with prompt: how many continuations to print (they differ only when temperature > 0)
 seed = 1337  # the reviews of num_samples, the few-shot examples and sampling
 device = 'auto'  # auto: cuda, else mps, else cpu
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
@@ -68,6 +73,7 @@ def check_settings(c):
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.temperature < 0, f"temperature must be >= 0 (0 is greedy), not {c.temperature}"),
         (c.top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {c.top_k}"),
+        (c.num_continuations < 1, f"num_continuations must be >= 1, not {c.num_continuations}"),
         one_of('mode', c.mode, EVAL_MODES),
         one_of('prompt_style', c.prompt_style, ('zero_shot', 'few_shot')),
         (c.prompt_style == 'few_shot' and c.num_shots < 1, f"num_shots must be >= 1 for few_shot, not {c.num_shots}"),
@@ -75,84 +81,146 @@ def check_settings(c):
     ])
 
 
-def load_model(c):
-    """The model to evaluate, the data set it goes with (for resume, the one it was trained on), for
-    resume (iteration reached, max_iters the run was set up for), and the run's settings ({} for none)."""
+def read_run(c):
+    """For resume, the run's checkpoint (read, not yet built into a model) and its settings; else (None, {})."""
     if c.init_from != 'resume':
-        return as_config_error(GPT.from_pretrained, c.init_from), c.dataset or ROTTEN_TOMATOES, None, {}
-    path = os.path.join(c.out_dir, 'ckpt.pt')
-    model, ckpt = as_config_error(load_checkpoint, path)
+        return None, {}
+    path = ckpt_path(c.out_dir)
+    ckpt = as_config_error(read_checkpoint, path)
     config = ckpt.get('config', {})
-    progress = (ckpt.get('iter_num', 0), config.get('max_iters'))
-    if progress[1] and progress[0] < progress[1]:
-        print(f"warning: {path} is at iteration {progress[0]} of the {progress[1]} its run was set up for: an "
-              f"unfinished run (finish it with python train.py --init_from=resume --out_dir={c.out_dir})")
-    return model, c.dataset or config.get('dataset') or ROTTEN_TOMATOES, progress, config
+    if config.get('max_iters') and ckpt.get('iter_num', 0) < config['max_iters']:
+        print(f"warning: {path} is at iteration {ckpt.get('iter_num', 0)} of the {config['max_iters']} its run was set "
+              f"up for: an unfinished run (finish it with python train.py --init_from=resume --out_dir={c.out_dir})")
+    return ckpt, config
+
+
+def load_model(c, ckpt):
+    """The model to evaluate: the run's (resume) or a pretrained one."""
+    if ckpt is None:
+        return as_config_error(GPT.from_pretrained, c.init_from)
+    return as_config_error(model_from_checkpoint, ckpt, ckpt_path(c.out_dir))
+
+
+def load_data(dataset, splits):
+    """The splits a command needs of a data set, or None when it needs none."""
+    return as_config_error(load_splits, dataset, splits) if splits else None
 
 
 def pick_prompt(c, trained):
     """The Prompt: this command's prompt_template and label_words, else the run's, else the defaults."""
     run = (trained.get('prompt_template', 'instruct'), trained.get('label_words', DEFAULT_LABEL_WORDS))
-    c.prompt_template, c.label_words = c.prompt_template or run[0], c.label_words or run[1]
-    if trained and (c.prompt_template, c.label_words) != run:
-        print(f"note: asking with prompt_template={c.prompt_template!r} label_words={c.label_words!r}; the run was "
-              f"trained with {run[0]!r} and {run[1]!r}")
-    return as_config_error(Prompt, c.prompt_template, c.label_words)
+    template, words = c.prompt_template or run[0], c.label_words or run[1]
+    if trained and (template, words) != run:
+        print(f"note: asking with prompt_template={template!r} label_words={words!r}; the run was trained with "
+              f"{run[0]!r} and {run[1]!r}")
+    return as_config_error(Prompt, template, words)
 
 
 class ModelSampler:
-    """ModelSampler(**settings): any of the settings above, the rest at their defaults."""
+    """
+    The starter's ModelSampler(out_dir, init_from, device, max_new_tokens, temperature, top_k), in that
+    order; any other setting above by keyword. Settings left out keep their defaults.
+    """
 
-    def __init__(self, **settings):
-        c = self.settings = override(DEFAULTS, settings)
+    def __init__(self, out_dir=DEFAULTS.out_dir, init_from=DEFAULTS.init_from, device=DEFAULTS.device,
+                 max_new_tokens=DEFAULTS.max_new_tokens, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
+                 **settings):
+        c = self.settings = override(DEFAULTS, dict(out_dir=out_dir, init_from=init_from, device=device,
+                                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                                    top_k=top_k, **settings))
         check_settings(c)
+        c = self.settings = c.frozen()
         self.device = pick_device(c.device)
         self.ctx = autocast(self.device, pick_dtype(c.dtype, self.device))
         self.generator = torch.Generator(self.device).manual_seed(c.seed)
-        own = bool(c.review or c.reviews_file)  # the user's reviews need no split to score
+        ckpt, trained = read_run(c)
+        self.progress = (ckpt.get('iter_num', 0), trained.get('max_iters')) if ckpt is not None else None
+        # a resumed run is evaluated on the data set it trained on, unless --dataset says otherwise
+        self.dataset = c.dataset or trained.get('dataset') or ROTTEN_TOMATOES
+        own = bool(c.review or c.reviews_file or c.prompt)  # the user's texts need no split
         splits = ((c.split,) if not own else ()) + (('train',) if c.prompt_style == 'few_shot' else ())
-        loaded = {}
-
-        def load_data():  # the data set a resumed run was trained on, unless --dataset says otherwise
-            if not splits or ('model' not in loaded and c.init_from == 'resume'):
-                return None  # no data needed, or which one is unknown: the checkpoint's own error says enough
-            dataset = loaded['model'][1] if 'model' in loaded else c.dataset or ROTTEN_TOMATOES
-            return as_config_error(load_splits, dataset, splits)
         # whatever cannot be downloaded is reported at once
-        self.enc, (model, c.dataset, self.progress, trained), data = fetch_inputs(
-            gpt2_encoding, lambda: loaded.setdefault('model', load_model(c)), load_data)
+        self.enc, model, data = fetch_inputs(gpt2_encoding, partial(load_model, c, ckpt),
+                                             partial(load_data, self.dataset, splits))
+        del ckpt
         self.prompt = pick_prompt(c, trained)
         self.label_ids = [self.enc.encode(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
-        longest = max(map(len, self.label_ids))
-        if c.mode == 'generate' and c.max_new_tokens < longest:
-            raise ConfigError(f"label_words={c.label_words!r} has a word of {longest} tokens, more than max_new_tokens="
-                              f"{c.max_new_tokens} can generate; use --max_new_tokens={longest + 2}")
-        block = model.config.block_size
-        if c.max_new_tokens >= block:
-            raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
-                              f"context of {block} tokens; use --max_new_tokens=5")
+        self._check_lengths(model.config.block_size)
         # eval() merges LoRA into W, so inference costs what the model without LoRA costs
         self.model = model.to(self.device).eval().use_fast_gelu(self.device == 'cpu')
         if not own:
             self.split_size = len(data[c.split])
             self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
             self.records = data[c.split].select(self.indices)
-        self.demonstrations = ()
-        if c.prompt_style == 'few_shot':
-            fewest = min(data['train']['label'].count(y) for y in (0, 1))
-            if (c.num_shots + 1) // 2 > fewest:
-                raise ConfigError(f"num_shots={c.num_shots} needs {(c.num_shots + 1) // 2} reviews of each label, but "
-                                  f"the train split of {c.dataset} has {fewest} of one; use --num_shots={2 * fewest}")
-            self.demonstrations = few_shot_demonstrations(data['train'], c.num_shots, c.seed)
-            fixed = len(self.enc.encode(self.prompt.text('', self.demonstrations)))
-            if fixed + c.max_new_tokens >= block:
-                raise ConfigError(f"num_shots={c.num_shots} examples take {fixed} tokens: with max_new_tokens="
-                                  f"{c.max_new_tokens} no review fits the model's context of {block} tokens; "
-                                  f"use fewer --num_shots")
+        self.demonstrations = self._demonstrations(data) if c.prompt_style == 'few_shot' else ()
+
+    def _check_lengths(self, block):
+        c, longest = self.settings, max(map(len, self.label_ids))
+        if c.mode == 'generate' and c.max_new_tokens < longest:
+            raise ConfigError(f"label_words={self.prompt.label_words!r} has a word of {longest} tokens, more than "
+                              f"max_new_tokens={c.max_new_tokens} can generate; use --max_new_tokens={longest + 2}")
+        if c.max_new_tokens >= block:
+            raise ConfigError(f"max_new_tokens={c.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {block} tokens; use --max_new_tokens=5")
+
+    def _demonstrations(self, data):
+        """few_shot's solved examples from the train split, checked to fit the model's context."""
+        c, block = self.settings, self.model.config.block_size
+        fewest = min(data['train']['label'].count(y) for y in (0, 1))
+        if (c.num_shots + 1) // 2 > fewest:
+            raise ConfigError(f"num_shots={c.num_shots} needs {(c.num_shots + 1) // 2} reviews of each label, but "
+                              f"the train split of {self.dataset} has {fewest} of one; use --num_shots={2 * fewest}")
+        demonstrations = few_shot_demonstrations(data['train'], c.num_shots, c.seed)
+        fixed = len(self.enc.encode(self.prompt.text('', demonstrations)))
+        if fixed + c.max_new_tokens >= block:
+            raise ConfigError(f"num_shots={c.num_shots} examples take {fixed} tokens: with max_new_tokens="
+                              f"{c.max_new_tokens} no review fits the model's context of {block} tokens; "
+                              f"use fewer --num_shots")
+        return demonstrations
 
     def prompt_ids(self, text):
         return self.prompt.encode(self.enc, text, self.model.config.block_size - self.settings.max_new_tokens,
                                   self.demonstrations)
+
+    def get_generation(self, prompt):
+        """The prompt followed by the model's continuation of max_new_tokens tokens (decoded, cut at
+        end-of-text): greedy at temperature 0, else sampled from the top_k likeliest tokens."""
+        c = self.settings
+        idx = torch.tensor([self.enc.encode(prompt)], dtype=torch.long, device=self.device)
+        with self.ctx:
+            out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, generator=self.generator)
+        return prompt + self._decode(out[0, -c.max_new_tokens:].tolist())
+
+    def get_accuracy(self, progress=True):
+        """
+        (accuracy, positive_count, negative_count): a review counts as right when the model's generation
+        after its prompt starts with its label word; one that starts with neither (unparseable) is wrong.
+        """
+        t0 = time.time()
+        prompts = [self.prompt_ids(r['text']) for r in self.records]
+        generations = self.generations(prompts, progress)  # in batches; the shared prompt start computed once
+        predicted = [self.prompt.parse(g) for g in generations]  # 0, 1, or None when unparseable
+        correct = sum(p == r['label'] for p, r in zip(predicted, self.records))
+        self.seconds = time.time() - t0
+        self.results = [dict(text=r['text'], label=r['label'], prompt=self.enc.decode(ids), generation=g,
+                             prediction=None if p is None else self.prompt.words[p])
+                        for r, ids, g, p in zip(self.records, prompts, generations, predicted)]
+        self.accuracy = (correct / len(predicted), predicted.count(1), predicted.count(0))
+        return self.accuracy
+
+    # --- batching and caching -------------------------------------------------------------------------
+
+    def generations(self, prompts, progress=False):
+        """The continuation of each prompt (token id lists), in their order, computed in batches of similar
+        lengths (little padding) that share the prompts' common start; the results do not depend on either."""
+        prefix = self._shared_prefix(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out, bs = [None] * len(prompts), self.settings.batch_size
+        for s in tqdm(range(0, len(order), bs), desc='evaluating', unit='batch', disable=not progress):
+            part = order[s:s + bs]
+            for i, text in zip(part, self._continuations([prompts[i] for i in part], prefix)):
+                out[i] = text
+        return out
 
     def _left_pad(self, prompts):
         idx, mask = left_pad(prompts, self.enc.eot_token)
@@ -172,46 +240,23 @@ class ModelSampler:
                 logprobs = self.model.continuation_logprobs(idx, self.label_ids, mask, cache)
                 return [self.prompt.answer(int(i)) for i in logprobs.argmax(dim=-1)]
             out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, mask, self.generator, cache)
-        texts = []
-        for row in out[:, idx.size(1):].tolist():
-            if self.enc.eot_token in row:
-                row = row[:row.index(self.enc.eot_token)]
-            texts.append(self.enc.decode(row))
-        return texts
+        return [self._decode(row) for row in out[:, -c.max_new_tokens:].tolist()]
 
-    def get_generation(self, prompt):
-        """The model's continuation of one prompt string."""
-        return self._continuations([self.enc.encode(prompt)])[0]
+    def _decode(self, row):
+        """Generated token ids as text, up to the first end-of-text."""
+        return self.enc.decode(row[:row.index(self.enc.eot_token)] if self.enc.eot_token in row else row)
 
     def _shared_prefix(self, prompts):
         """(ids, cache) of the longest start that every prompt shares and goes on past, or ()."""
         if not prompts:
             return ()
-        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        head, n = prompts[0], min(len(p) for p in prompts) - 1
         for p in prompts:
-            n = next((i for i in range(n) if p[i] != first[i]), n)
+            n = next((i for i in range(n) if p[i] != head[i]), n)
         if not n:
             return ()
         with self.ctx:
-            return first[:n], self.model.prefix_cache(first[:n])
-
-    def predictions(self, progress=True):
-        """One dict per review (text, label, prompt, generation, prediction), in data set order."""
-        recs = [dict(text=r['text'], label=r['label'], ids=self.prompt_ids(r['text'])) for r in self.records]
-        # the instruction (and few-shot examples) that begin every prompt are computed once
-        prefix = self._shared_prefix([r['ids'] for r in recs])
-        # batches of similar lengths waste little on padding; the predictions do not depend on it
-        order = sorted(range(len(recs)), key=lambda i: len(recs[i]['ids']))
-        bs = self.settings.batch_size
-        for s in tqdm(range(0, len(order), bs), desc='evaluating', unit='batch', disable=not progress):
-            part = order[s:s + bs]
-            for i, gen in zip(part, self._continuations([recs[i]['ids'] for i in part], prefix)):
-                recs[i]['generation'] = gen
-        for r in recs:
-            r['prompt'] = self.enc.decode(r.pop('ids'))
-            label = self.prompt.parse(r['generation'])
-            r['prediction'] = None if label is None else self.prompt.words[label]
-        return recs
+            return head[:n], self.model.prefix_cache(head[:n])
 
     def classify(self, texts):
         """(label word or None, P(label 0's word), P(label 1's word)) of each text: the label it generates,
@@ -223,32 +268,17 @@ class ModelSampler:
             probs = self.model.continuation_logprobs(idx, self.label_ids, mask).exp().tolist()
         return [(None if y is None else self.prompt.words[y], *p) for y, p in zip(labels, probs)]
 
-    def get_accuracy(self, progress=True):
-        """(accuracy, positive_count, negative_count); unparseable generations count as wrong."""
-        t0 = time.time()
-        self.results = self.predictions(progress)
-        self.seconds = time.time() - t0
-        return self.counts()
-
-    def counts(self):
-        n = len(self.results)
-        words = self.prompt.words
-        correct = sum(r['prediction'] == words[r['label']] for r in self.results)
-        pos = sum(r['prediction'] == words[1] for r in self.results)
-        neg = sum(r['prediction'] == words[0] for r in self.results)
-        return correct / n, pos, neg
-
     def write_results(self, out_dir):
         """results.json and predictions.jsonl of the last get_accuracy(), written atomically."""
         c = self.settings
-        accuracy, pos, neg = self.counts()
+        accuracy, pos, neg = self.accuracy
         os.makedirs(out_dir, exist_ok=True)
         n = len(self.results)
         summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
                        seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
-                       **{k: c[k] for k in ('init_from', 'out_dir', 'dataset', 'split', 'mode', 'prompt_style',
-                                            'prompt_template', 'label_words', 'max_new_tokens', 'temperature',
-                                            'top_k', 'seed', 'batch_size')},
+                       **{k: c[k] for k in ('init_from', 'out_dir', 'split', 'mode', 'prompt_style', 'max_new_tokens',
+                                            'temperature', 'top_k', 'seed', 'batch_size')},
+                       dataset=self.dataset, prompt_template=self.prompt.template, label_words=self.prompt.label_words,
                        num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
                        **(dict(iter_num=self.progress[0], max_iters=self.progress[1]) if self.progress else {}),
                        reviews=self.indices if n < self.split_size else 'all')  # positions in the split
@@ -273,9 +303,29 @@ def own_reviews(c):
     return texts
 
 
+def prompt_text(c):
+    """The text of prompt (FILE:path: that file's), checked before any work."""
+    text = c.prompt
+    if text.startswith('FILE:'):
+        try:
+            with open(os.path.expanduser(text[5:]), encoding='utf-8') as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read prompt file {text[5:]}: {getattr(e, 'strerror', None) or e}") from None
+    if not text.strip():
+        raise ConfigError("prompt is blank: give the text to continue, e.g. --prompt=\"The movie was\"")
+    return text
+
+
 def main(argv):
     c = configure(DEFAULTS, argv)
     check_settings(c)
+    if c.prompt:  # a free text continued: printed, nothing written
+        text = prompt_text(c)
+        sampler = ModelSampler(**c)
+        for i in range(c.num_continuations):
+            print(('' if c.num_continuations == 1 else f"--- continuation {i + 1}\n") + sampler.get_generation(text))
+        return None
     if c.review or c.reviews_file:  # the user's own reviews: printed, nothing written
         texts = own_reviews(c)
         sampler = ModelSampler(**c)

@@ -10,8 +10,8 @@ Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or i
 With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does. Writes to
 out_dir: ckpt.pt (atomically; LoRA runs keep only the adapter by default), metrics.jsonl (one line
 per evaluation), steps.jsonl (one line per log step), loss_curve.png and run.json (base model,
-parameter counts, settings). The file reads top to bottom: the settings, the model, the data, the
-training loop, main. Several processes and stop signals are distributed.py's, the logs runlog.py's.
+parameter counts, settings). Top to bottom: the settings, the model, the data, the training loop,
+main; several processes and stop signals are distributed.py's, the logs runlog.py's.
 """
 
 import math
@@ -159,6 +159,9 @@ def read_settings(argv):
 
 def resolved(c, base_model):
     """The settings frozen, checkpoint='auto' made what it stands for: an adapter for LoRA on a pretrained model."""
+    if c.wandb_run_name and not c.wandb_log and int(os.environ.get('RANK', 0)) == 0:
+        print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
+              f"Weights & Biases; add --wandb_log=True")
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
     return c.frozen()
@@ -194,10 +197,8 @@ def build_model(c, ckpt):
 
 
 def prepare_training(c, rt, raw_model, ckpt):
-    """
-    The model on its device, as it trains (sharded; compiled; under DDP), its optimizer and float16's
-    gradient scaler. Under FSDP the optimizer is built over the shards, so its state is sharded too.
-    """
+    """The model on its device, as it trains (sharded; compiled; under DDP), its optimizer and float16's
+    gradient scaler. Under FSDP the optimizer is built over the shards, so its state is sharded too."""
     raw_model.to(rt.device).use_grad_checkpoint(c.grad_checkpoint)
     if c.lora_rank > 0 and rt.device.startswith('cuda') and rt.dtype != 'float32':
         raw_model.frozen_weights_to(getattr(torch, rt.dtype))
@@ -229,11 +230,8 @@ def make_loaders(c, rt, data, enc, block_size):
 
 
 def label_positions(y, c, device, compiled=False):
-    """
-    Where a batch's targets are, for the model's label_loss (see model.py), found on the host before the
-    batch moves; or None for the plain loss of forward, which a compiled model uses when every token is
-    a target (one shape per length).
-    """
+    """Where a batch's targets are, for the model's label_loss, found on the host before the batch moves; or
+    None for forward's plain loss, which a compiled model uses when every token is a target (a shape per length)."""
     if compiled and c.loss_on == 'all':
         return None
     start, index = target_positions(y, trim=not compiled)  # compiled: no shape per first column
@@ -296,10 +294,9 @@ class Trainer:
 
     def step(self, it):
         """
-        One optimizer step over gradient_accumulation_steps micro-batches, with no host-device sync:
-        (the summed loss and target count as a device tensor, the tokens computed, the gradient norm).
-        The loss is normalised by the target tokens of the whole step (n_step, every rank's), so the
-        gradient is the same for any split of the same examples over micro-batches and processes.
+        One optimizer step over gradient_accumulation_steps micro-batches, with no host-device sync: (the
+        summed loss and target count as a device tensor, the tokens computed, the gradient norm). The loss is
+        normalised by the whole step's target tokens (every rank's): the same gradient for any split of it.
         """
         c, rt, model = self.c, self.rt, self.model
         steps = range(it * c.gradient_accumulation_steps, (it + 1) * c.gradient_accumulation_steps)
@@ -413,21 +410,12 @@ def train(t):
 def main(argv):
     c, ckpt = read_settings(argv)
     rt = setup_runtime(c)
-    if rt.master:
-        check_out_dir(c)
+    if rt.master and c.init_from != 'resume' and os.path.exists(ckpt_path(c.out_dir)) and not c.overwrite:
+        raise ConfigError(f"{ckpt_path(c.out_dir)} already holds a run's checkpoint: continue it with --init_from=resume, "
+                          f"replace it with --overwrite=True, or pick another --out_dir")
     # rank 0 holds out_dir: a second command that would write there stops at once
     with hold_out_dir(c.out_dir, command_line()) if rt.master else nullcontext():
         return run(c, ckpt, rt)
-
-
-def check_out_dir(c):
-    """Refuse to replace another run's checkpoint (writing waits for hold_out_dir)."""
-    if c.init_from != 'resume' and os.path.exists(ckpt_path(c.out_dir)) and not c.overwrite:
-        raise ConfigError(f"{ckpt_path(c.out_dir)} already holds a run's checkpoint: continue it with --init_from=resume, "
-                          f"replace it with --overwrite=True, or pick another --out_dir")
-    if c.wandb_run_name and not c.wandb_log:
-        print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
-              f"Weights & Biases; add --wandb_log=True")
 
 
 def run(c, ckpt, rt):

@@ -77,3 +77,9 @@ def write_reviews(path, n_train=48, n_val=16, n_test=16):
 @pytest.fixture(scope="session")
 def reviews(tmp_path_factory):
     return write_reviews(tmp_path_factory.mktemp("reviews"))
+
+
+def results_of(sampler):
+    """The per-review dicts (text, label, prompt, generation, prediction) of a ModelSampler's get_accuracy()."""
+    sampler.get_accuracy(progress=False)
+    return sampler.results

@@ -8,7 +8,7 @@ import torch
 
 import generate
 from configurator import ConfigError
-from conftest import DATA, STANDIN, needs_data, needs_standin
+from conftest import DATA, STANDIN, needs_data, needs_standin, results_of
 from dataloader import Prompt, few_shot_demonstrations
 from generate import ModelSampler, main
 from lora import mark_only_lora_as_trainable
@@ -63,8 +63,8 @@ def test_resume_gives_the_saved_models_logits(tiny_ckpt, reviews, tmp_path, pref
 def test_batched_predictions_equal_one_at_a_time(tiny_ckpt, reviews, tmp_path):
     save_lora_run(tmp_path, tiny_ckpt)
     kw = dict(init_from="resume", out_dir=str(tmp_path), dataset=reviews, device="cpu", max_new_tokens=4)
-    batched = ModelSampler(batch_size=7, **kw).predictions(progress=False)
-    single = ModelSampler(batch_size=1, **kw).predictions(progress=False)
+    batched = results_of(ModelSampler(batch_size=7, **kw))
+    single = results_of(ModelSampler(batch_size=1, **kw))
     assert [r["generation"] for r in batched] == [r["generation"] for r in single]
     assert len({r["generation"] for r in batched}) > 1  # the check means something: generations differ
 
@@ -90,7 +90,7 @@ def test_score_mode_picks_the_likelier_label_word(tiny_ckpt, reviews, tmp_path):
     saved = save_lora_run(tmp_path, tiny_ckpt).eval()
     sampler = ModelSampler(init_from="resume", out_dir=str(tmp_path), dataset=reviews, device="cpu", mode="score",
                            num_samples=6)
-    preds = sampler.predictions(progress=False)
+    preds = results_of(sampler)
     for r in preds:
         ids = torch.tensor([sampler.prompt_ids(r["text"])])
         logits, _ = saved(ids)
@@ -120,7 +120,7 @@ def test_greedy_generations_match_transformers_on_the_standin():
     sampler = ModelSampler(init_from=str(STANDIN), dataset=str(DATA), device="cpu", num_samples=12, batch_size=5,
                            max_new_tokens=6)
     hf = GPT2LMHeadModel.from_pretrained(str(STANDIN)).eval()
-    for r in sampler.predictions(progress=False):
+    for r in results_of(sampler):
         ids = torch.tensor([sampler.prompt_ids(r["text"])])
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                           pad_token_id=50256)
@@ -138,7 +138,7 @@ def test_the_shared_prompt_start_is_computed_once_and_changes_nothing(tiny_ckpt,
     ids, _ = sampler._shared_prefix(prompts)
     # the instruction and both examples, up to the "Review:" that every prompt has next
     assert sampler.enc.decode(ids).count("Review:") == 3 and sampler.enc.decode(ids).endswith("Review:")
-    preds = sampler.predictions(progress=False)
+    preds = results_of(sampler)
     assert [r["generation"] for r in preds] == [sampler._continuations([p])[0] for p in prompts]
 
 

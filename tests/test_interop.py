@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import export
-from conftest import SHARED
+from conftest import SHARED, results_of
 import generate
 import train
 from checkpoint import load_checkpoint
@@ -47,8 +47,8 @@ def test_adapter_only_checkpoint_is_small_and_equivalent(tiny_ckpt, reviews, lor
     for k, v in a.state_dict().items():  # same training, stored two ways
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6)
     kw = dict(dataset=reviews, device="cpu", num_samples=8)
-    full_preds = generate.ModelSampler(out_dir=str(lora_run), **kw).predictions(progress=False)
-    adapter_preds = generate.ModelSampler(out_dir=str(tmp_path / "adapter"), **kw).predictions(progress=False)
+    full_preds = results_of(generate.ModelSampler(out_dir=str(lora_run), **kw))
+    adapter_preds = results_of(generate.ModelSampler(out_dir=str(tmp_path / "adapter"), **kw))
     assert [p["generation"] for p in full_preds] == [p["generation"] for p in adapter_preds]
 
 
