@@ -41,6 +41,8 @@ TEMPLATES = {
     "choices": "Review: {review}\nIs this review {negative} or {positive}?\nAnswer:",
 }
 DEFAULT_LABEL_WORDS = "negative,positive"  # label 0, label 1
+ROTTEN_TOMATOES = "cornell-movie-review-data/rotten_tomatoes"
+EOT = "<|endoftext|>"  # GPT-2's end-of-text, which ends every answer
 
 
 def clean(text):
@@ -130,78 +132,6 @@ class Prompt:
         return None if re.search(rf"(?<!\w){other}(?!\w)", generation[m.end():], re.IGNORECASE) else label
 
 
-def few_shot_demonstrations(train_split, k, seed):
-    """k solved (text, label) examples, as balanced as k allows, in a seeded random order."""
-    rng = random.Random(seed)
-    by_label = {y: [i for i, lab in enumerate(train_split["label"]) if lab == y] for y in (0, 1)}
-    first = rng.randrange(2)
-    labels = [(first + j) % 2 for j in range(k)]
-    picks = [(i, y) for y in (0, 1) for i in rng.sample(by_label[y], labels.count(y))]
-    rng.shuffle(picks)
-    return [(train_split[i]["text"], y) for i, y in picks]
-
-
-def stratified_subset(labels, n, seed):
-    """
-    Positions of n reviews drawn at random with each label in its share of the split, in split order:
-    the same n for every model evaluated with the same seed. Rotten Tomatoes lists all positive test
-    reviews first, so the first n would be one label only.
-    """
-    if not 0 < n < len(labels):
-        return list(range(len(labels)))
-    rng = random.Random(seed)
-    by_label = {y: [i for i, lab in enumerate(labels) if lab == y] for y in sorted(set(labels))}
-    quota = {y: len(ix) * n // len(labels) for y, ix in by_label.items()}
-    # the reviews the rounding left over go to the labels with the largest remainders
-    for y in sorted(by_label, key=lambda y: -(len(by_label[y]) * n % len(labels)))[:n - sum(quota.values())]:
-        quota[y] += 1
-    return sorted(i for y, ix in by_label.items() for i in rng.sample(ix, quota[y]))
-
-
-def left_pad(prompts, pad_id):
-    """(B, T) token ids of prompts (lists of ids) padded on the left, and the (B, T) mask of real tokens."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return idx, mask
-
-
-def load_splits(dataset, splits=("train", "validation")):
-    """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
-    local = os.path.isdir(dataset)
-    if not local and not_a_hub_id(dataset):
-        raise ValueError(f"cannot load data set '{dataset}': no such directory")
-    if not local and hub_offline():
-        datasets.config.HF_HUB_OFFLINE = True  # the hub cache only: no half a minute of retries
-    try:
-        data = datasets.load_dataset(dataset)
-    except Exception as e:  # datasets raises many types for "not there" and "not readable"
-        if not local and datasets.config.HF_HUB_OFFLINE:
-            raise Unreachable(f"the data set '{dataset}'", "pass its local directory with --dataset=DIR") from None
-        where = "local directory" if local else "hub id or local directory"
-        cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
-        raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}{cause}") from None
-    for split in splits:
-        if split not in data:
-            raise ValueError(f"data set '{dataset}' has no '{split}' split (it has: {', '.join(data)})")
-        missing = {"text", "label"} - set(data[split].column_names)
-        if missing:
-            raise ValueError(f"the '{split}' split of '{dataset}' lacks column(s) {', '.join(sorted(missing))}; "
-                             f"it needs 'text' (the review) and 'label' (0 negative, 1 positive)")
-        if len(data[split]) == 0:
-            raise ValueError(f"the '{split}' split of '{dataset}' is empty")
-    for split in splits:  # every split's labels, before any work
-        bad = next(((i, y) for i, y in enumerate(data[split]["label"]) if y not in (0, 1) or isinstance(y, bool)), None)
-        if bad is not None:
-            i, y = bad
-            raise ValueError(f"label {y!r} of review {clean(data[split][i]['text'])[:40]!r} (row {i} of the '{split}' "
-                             f"split of '{dataset}') is not 0 (negative) or 1 (positive)")
-    return data
-
-
 class CustomDataLoader:
     """
     Batches of instruction-tuned reviews. get_batch(i) is a pure function of (seed, i, rank): a run
@@ -225,21 +155,29 @@ class CustomDataLoader:
         self.rank = rank
         self.world_size = world_size
         self.prompt = prompt or Prompt()  # the template and the label words
-        self.records = [self._add_instruction_finetuning(dict(rec)) for rec in dataset]
+        records = [dict(rec) for rec in dataset]
+        check_labels([r["label"] for r in records], [r["text"] for r in records])
+        self.records = [self._tokenize(self._add_instruction_finetuning(rec)) for rec in records]
         self._orders = {}
 
     def _add_instruction_finetuning(self, rec):
-        """Adds instr_tuned_text (prompt + " label word" + end-of-text) and its token ids to a record."""
-        label = rec["label"]
-        if label not in (0, 1):
-            raise ValueError(f"label {label!r} of review {clean(rec['text'])[:40]!r} is not 0 (negative) or 1 (positive)")
-        answer = self.tokenizer.encode(self.prompt.answer(label)) + [self.tokenizer.eot_token]
-        # inputs are the text minus its last token, so the prompt may use block_size + 1 - |answer| tokens
-        prompt = self.prompt.encode(self.tokenizer, rec["text"], self.block_size + 1 - len(answer))
-        rec["instr_tuned_text"] = self.tokenizer.decode(prompt) + self.prompt.answer(label) + "<|endoftext|>"
-        rec["ids"] = prompt + answer
-        rec["n_answer"] = len(answer)
-        rec["n_targets"] = len(answer) if self.loss_on == "label" else len(rec["ids"]) - 1
+        """Adds instr_tuned_text to a record: its prompt, then its label word and end-of-text (the answer)."""
+        rec["instr_tuned_text"] = self.prompt.text(rec["text"]) + self.prompt.answer(rec["label"]) + EOT
+        return rec
+
+    def _tokenize(self, rec):
+        """A record's instr_tuned_text as token ids (its review shortened to fit block_size + 1 tokens) and
+        how many of them are the answer; the review is ordinary text, whatever it holds."""
+        text = rec["instr_tuned_text"]
+        if not text.endswith(EOT):
+            raise ValueError(f"instr_tuned_text must end in {EOT}, the answer's last token: {text[-40:]!r}")
+        eot = self.tokenizer.eot_token
+        ids = self.tokenizer.encode(text[:-len(EOT)], disallowed_special=()) + [eot]
+        answer = self.tokenizer.encode(self.prompt.answer(rec["label"])) + [eot]
+        if len(ids) > self.block_size + 1:  # inputs are the text minus its last token
+            ids = self.prompt.encode(self.tokenizer, rec["text"], self.block_size + 1 - len(answer)) + answer
+        rec["ids"], rec["n_answer"] = ids, len(answer)
+        rec["n_targets"] = len(answer) if self.loss_on == "label" else len(ids) - 1
         return rec
 
     def __len__(self):
@@ -316,3 +254,81 @@ class CustomDataLoader:
             first = n - r["n_answer"] if self.loss_on == "label" else 0
             y[b, first:n] = ids[first + 1:]
         return x, y
+
+
+def check_labels(labels, texts, where="the data"):
+    """A ValueError naming the first label that is not 0 or 1 (its review, row and where)."""
+    bad = next((i for i, y in enumerate(labels) if y not in (0, 1) or isinstance(y, bool)), None)
+    if bad is not None:
+        raise ValueError(f"label {labels[bad]!r} of review {clean(texts[bad])[:40]!r} (row {bad} of {where}) "
+                         f"is not 0 (negative) or 1 (positive)")
+
+
+def load_splits(dataset, splits=("train", "validation")):
+    """A DatasetDict from a hub id or a local directory of split files, checked for what we need."""
+    local = os.path.isdir(dataset)
+    if not local and not_a_hub_id(dataset):
+        raise ValueError(f"cannot load data set '{dataset}': no such directory")
+    if not local and hub_offline():
+        datasets.config.HF_HUB_OFFLINE = True  # the hub cache only: no half a minute of retries
+    try:
+        data = datasets.load_dataset(dataset)
+    except Exception as e:  # datasets raises many types for "not there" and "not readable"
+        if not local and datasets.config.HF_HUB_OFFLINE:
+            raise Unreachable(f"the data set '{dataset}'", "pass its local directory with --dataset=DIR") from None
+        where = "local directory" if local else "hub id or local directory"
+        cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
+        raise ValueError(f"cannot load data set '{dataset}' ({where}): {str(e).splitlines()[0]}{cause}") from None
+    for split in splits:
+        if split not in data:
+            raise ValueError(f"data set '{dataset}' has no '{split}' split (it has: {', '.join(data)})")
+        missing = {"text", "label"} - set(data[split].column_names)
+        if missing:
+            raise ValueError(f"the '{split}' split of '{dataset}' lacks column(s) {', '.join(sorted(missing))}; "
+                             f"it needs 'text' (the review) and 'label' (0 negative, 1 positive)")
+        if len(data[split]) == 0:
+            raise ValueError(f"the '{split}' split of '{dataset}' is empty")
+    for split in splits:  # every split's labels, before any work
+        check_labels(data[split]["label"], data[split]["text"], f"the '{split}' split of '{dataset}'")
+    return data
+
+
+# --- evaluation's side: generate.py's review sample, few-shot examples and batches ----------------------
+
+def few_shot_demonstrations(train_split, k, seed):
+    """k solved (text, label) examples, as balanced as k allows, in a seeded random order."""
+    rng = random.Random(seed)
+    by_label = {y: [i for i, lab in enumerate(train_split["label"]) if lab == y] for y in (0, 1)}
+    first = rng.randrange(2)
+    labels = [(first + j) % 2 for j in range(k)]
+    picks = [(i, y) for y in (0, 1) for i in rng.sample(by_label[y], labels.count(y))]
+    rng.shuffle(picks)
+    return [(train_split[i]["text"], y) for i, y in picks]
+
+
+def stratified_subset(labels, n, seed):
+    """
+    Positions of n reviews drawn at random with each label in its share of the split, in split order:
+    the same n for every model evaluated with the same seed. Rotten Tomatoes lists all positive test
+    reviews first, so the first n would be one label only.
+    """
+    if not 0 < n < len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    by_label = {y: [i for i, lab in enumerate(labels) if lab == y] for y in sorted(set(labels))}
+    quota = {y: len(ix) * n // len(labels) for y, ix in by_label.items()}
+    # the reviews the rounding left over go to the labels with the largest remainders
+    for y in sorted(by_label, key=lambda y: -(len(by_label[y]) * n % len(labels)))[:n - sum(quota.values())]:
+        quota[y] += 1
+    return sorted(i for y, ix in by_label.items() for i in rng.sample(ix, quota[y]))
+
+
+def left_pad(prompts, pad_id):
+    """(B, T) token ids of prompts (lists of ids) padded on the left, and the (B, T) mask of real tokens."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return idx, mask

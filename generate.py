@@ -35,7 +35,7 @@ from checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
                     pick_dtype, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
-from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, Prompt, few_shot_demonstrations, left_pad, load_splits,
+from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad, load_splits,
                         prompt_errors, stratified_subset)
 from model import GPT
 
@@ -63,7 +63,6 @@ device = 'auto'  # auto: cuda, else mps, else cpu
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
-ROTTEN_TOMATOES = 'cornell-movie-review-data/rotten_tomatoes'
 
 
 def check_settings(c):

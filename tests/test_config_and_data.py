@@ -52,13 +52,13 @@ def test_default_config_is_the_handouts():
 def test_instruction_text_prompt_and_label_tokens(reviews):
     data = load_splits(reviews)
     loader = CustomDataLoader(data["train"], ENC, batch_size=4)
-    rec = loader._add_instruction_finetuning({"text": "a gorgeous film .", "label": 1})
+    rec = loader._tokenize(loader._add_instruction_finetuning({"text": "a gorgeous film .", "label": 1}))
     prompt = Prompt().text("a gorgeous film .")
     assert rec["instr_tuned_text"] == prompt + " positive<|endoftext|>"
     assert not prompt.endswith(" ")
     ids = ENC.encode(rec["instr_tuned_text"], allowed_special={"<|endoftext|>"})
     assert ids == rec["ids"] == ENC.encode(prompt) + [3967, ENC.eot_token]  # " positive" is one token
-    neg = loader._add_instruction_finetuning({"text": "a dull film .", "label": 0})
+    neg = loader._tokenize(loader._add_instruction_finetuning({"text": "a dull film .", "label": 0}))
     assert neg["ids"][-2:] == [4633, ENC.eot_token]  # " negative"
 
 

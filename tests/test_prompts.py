@@ -64,7 +64,7 @@ def test_a_multi_token_label_is_the_whole_answer_the_loss_falls_on(reviews):
     loader = CustomDataLoader(load_splits(reviews)["train"], ENC, batch_size=4, prompt=prompt)
     answer = ENC.encode(" very good")
     assert len(answer) == 2 and ENC.encode(" very bad")[0] == answer[0]  # the labels share their first token
-    rec = loader._add_instruction_finetuning({"text": "a gem", "label": 1})
+    rec = loader._tokenize(loader._add_instruction_finetuning({"text": "a gem", "label": 1}))
     assert rec["ids"] == ENC.encode("Review: a gem\nSentiment:") + answer + [ENC.eot_token] and rec["n_answer"] == 3
     _, y = loader.collate([rec])
     assert y[0][y[0] != -1].tolist() == answer + [ENC.eot_token]
