@@ -162,7 +162,12 @@ class CustomDataLoader:
 
     def _add_instruction_finetuning(self, rec):
         """Adds instr_tuned_text to a record: its prompt, then its label word and end-of-text (the answer)."""
+        # BEGIN SOLUTION CustomDataLoader._add_instruction_finetuning
+        # STUB: # TODO: set rec["instr_tuned_text"] to the prompt of rec["text"], then the word of rec["label"],
+        # STUB: # then end-of-text. Hint: self.prompt.text(review), self.prompt.answer(label) and EOT.
+        # STUB: raise NotImplementedError("CustomDataLoader._add_instruction_finetuning")
         rec["instr_tuned_text"] = self.prompt.text(rec["text"]) + self.prompt.answer(rec["label"]) + EOT
+        # END SOLUTION
         return rec
 
     def _tokenize(self, rec):
@@ -233,13 +238,27 @@ class CustomDataLoader:
         return [self._order(k // n)[k % n] for k in range(start, start + B)]
 
     def __iter__(self):
-        """One pass over the data in order, this rank's share, the last batch possibly smaller."""
+        """One pass over the data in the first epoch's order, this rank's share, the last batch possibly smaller."""
         order = self._order(0)
-        step = self.batch_size * self.world_size
-        for s in range(0, len(order), step):
-            part = order[s + self.rank * self.batch_size: s + (self.rank + 1) * self.batch_size]
-            if part:
-                yield self.collate([self.records[j] for j in part])
+        for i in range(len(self)):
+            batch = self._pass_batch(i, order)
+            if batch is not None:
+                yield batch
+
+    def _pass_batch(self, i, order):
+        """This rank's share of batch i of one pass over the records in order, or None past them."""
+        s = (i * self.world_size + self.rank) * self.batch_size
+        part = order[s:s + self.batch_size]
+        return self.collate([self.records[j] for j in part]) if part else None
+
+    def get_loader(self, shuffle=True):
+        """
+        The starter's torch DataLoader of (x, y) batches, one epoch: with shuffle the batches training
+        takes (get_batch: seeded, reviews of similar length together), else the records in order.
+        """
+        in_order = list(range(len(self.records)))
+        get = self.get_batch if shuffle else lambda i: self._pass_batch(i, in_order)
+        return torch.utils.data.DataLoader(_Batches(get, len(self)), batch_size=None)
 
     def collate(self, recs):
         """Right-padded (x, y): y is x shifted by one, -1 on padding and, with loss_on=label, the prompt."""
@@ -254,6 +273,19 @@ class CustomDataLoader:
             first = n - r["n_answer"] if self.loss_on == "label" else 0
             y[b, first:n] = ids[first + 1:]
         return x, y
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i is get(i): a DataLoader over whole batches that CustomDataLoader makes."""
+
+    def __init__(self, get, n):
+        self.get, self.n = get, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.get(i)
 
 
 def check_labels(labels, texts, where="the data"):

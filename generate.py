@@ -196,10 +196,18 @@ class ModelSampler:
         after its prompt starts with its label word; one that starts with neither (unparseable) is wrong.
         """
         t0 = time.time()
+        # BEGIN SOLUTION ModelSampler.get_accuracy
+        # STUB: # TODO: for every review of self.records (dicts with 'text' and 'label'), build its prompt
+        # STUB: # (self.prompt_ids), generate its continuation (self.generations does a list in batches), read the
+        # STUB: # label it starts with (self.prompt.parse: 0, 1 or None), and count: correct answers, how many
+        # STUB: # generations read as positive (1) and as negative (0). An unparseable generation is wrong.
+        # STUB: # Leave them in prompts, generations, predicted and correct: the lines below use those.
+        # STUB: raise NotImplementedError("ModelSampler.get_accuracy")
         prompts = [self.prompt_ids(r['text']) for r in self.records]
         generations = self.generations(prompts, progress)  # in batches; the shared prompt start computed once
         predicted = [self.prompt.parse(g) for g in generations]  # 0, 1, or None when unparseable
         correct = sum(p == r['label'] for p, r in zip(predicted, self.records))
+        # END SOLUTION
         self.seconds = time.time() - t0
         self.results = [dict(text=r['text'], label=r['label'], prompt=self.enc.decode(ids), generation=g,
                              prediction=None if p is None else self.prompt.words[p])

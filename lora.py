@@ -28,9 +28,15 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, rslora=False):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)  # draws W and b
         self.lora_rank, self.has_weights_merged, self.merge_on_eval = lora_rank, False, True
         if lora_rank > 0:
+            # BEGIN SOLUTION LoRALinear.__init__
+            # STUB: # TODO: store lora_alpha, the update's scale alpha / r (alpha / sqrt(r) when rslora), and
+            # STUB: # lora_dropout as an nn.Dropout; create lora_A (r x in) and lora_B (out x r) as frozen
+            # STUB: # nn.Parameters (requires_grad=False); then call self.reset_parameters() to initialise them.
+            # STUB: # Hint: self._lora_shapes(in_features, out_features) gives the two shapes.
+            # STUB: raise NotImplementedError("LoRALinear.__init__: create lora_A and lora_B")
             self.lora_alpha = lora_alpha
             self.lora_scaling = lora_alpha / (math.sqrt(lora_rank) if rslora else lora_rank)
             self.lora_dropout = nn.Dropout(lora_dropout)
@@ -38,12 +44,18 @@ class LoRALinear(nn.Linear):
             # frozen until mark_only_lora_as_trainable() turns them on, as in the homework
             self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype), requires_grad=False)
             self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=dtype), requires_grad=False)
-            self._reset_lora_parameters()
+            self.reset_parameters()  # the starter's order of random draws: W and b again, then A
+            # END SOLUTION
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)  # W x + b
+        # BEGIN SOLUTION LoRALinear.forward
+        # STUB: # TODO: unless the update is merged into W (has_weights_merged) or there is no LoRA (is_lora()),
+        # STUB: # add (alpha / r) B A dropout(x) to y. Hint: self.lora_update(x) computes B A x.
+        # STUB: raise NotImplementedError("LoRALinear.forward: add the low-rank update")
         if self.is_lora() and not self.has_weights_merged:
             y = y + self.lora_scaling * self.lora_update(self.lora_dropout(x))  # + (alpha / r) B A dropout(x)
+        # END SOLUTION
         return y
 
     def lora_update(self, x):
@@ -71,11 +83,25 @@ class LoRALinear(nn.Linear):
         # nn.Module.eval() calls train(False) on every child, never a child's eval(): overriding train()
         # is what makes model.eval() merge (loralib overrode only eval(): microsoft/LoRA#61)
         super().train(mode)
+        # BEGIN SOLUTION LoRALinear.train
+        # STUB: # TODO: train(True) takes a merged update out of W again (unmerge); train(False) folds it in
+        # STUB: # (merge), unless merge_on_eval is off. Both leave a layer without LoRA as it is.
+        # STUB: if self.is_lora():
+        # STUB:     raise NotImplementedError("LoRALinear.train: merge or un-merge")
         if mode:
             self.unmerge()
         elif self.merge_on_eval:  # evaluating() turns this off for loss estimates during training
             self.merge()
+        # END SOLUTION
         return self
+
+    def eval(self):
+        """The layer for inference, its update merged into W; returns self."""
+        # BEGIN SOLUTION LoRALinear.eval
+        # STUB: # TODO: put the layer in eval mode with its LoRA update merged into W, and return it.
+        # STUB: raise NotImplementedError("LoRALinear.eval: merge the update")
+        return self.train(False)
+        # END SOLUTION
 
     def is_lora(self):
         return self.lora_rank > 0
@@ -85,12 +111,14 @@ class LoRALinear(nn.Linear):
         # exactly as nn.Linear does, so a rank-0 layer is an nn.Linear to the last bit
         super().reset_parameters()
         if getattr(self, "lora_A", None) is not None:
-            self._reset_lora_parameters()
-
-    def _reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear does for its weight
-        nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
-        self.has_weights_merged = False
+            # BEGIN SOLUTION LoRALinear.reset_parameters
+            # STUB: # TODO: initialise lora_A as nn.Linear initialises its weight (Kaiming-uniform, a=sqrt(5))
+            # STUB: # and lora_B to zeros, so that B A = 0; the layer is then un-merged.
+            # STUB: raise NotImplementedError("LoRALinear.reset_parameters: initialise lora_A and lora_B")
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear does for its weight
+            nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
+            self.has_weights_merged = False
+            # END SOLUTION
 
     # --- machinery: safe merging, state dicts ------------------------------------------------------
     # A merge adds in float32 and rounds once (also for half-precision W), and refuses an update that
@@ -173,8 +201,13 @@ def is_lora_param(name, *kinds):
 
 def mark_only_lora_as_trainable(model):
     """Freeze everything except the LoRA matrices (biases, LayerNorms and embeddings included)."""
+    # BEGIN SOLUTION mark_only_lora_as_trainable
+    # STUB: # TODO: let only the parameters named lora_A or lora_B train (requires_grad); freeze the rest.
+    # STUB: # Hint: is_lora_param(name) tells them apart.
+    # STUB: raise NotImplementedError("mark_only_lora_as_trainable")
     for name, p in model.named_parameters():
         p.requires_grad = is_lora_param(name)
+    # END SOLUTION
     return model
 
 

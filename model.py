@@ -81,8 +81,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
+        # BEGIN SOLUTION model.py attention
+        # STUB: # TODO: make both projections LoRALinear layers with the config's LoRA settings.
+        # STUB: # Hint: config.lora("attn.c_attn") and config.lora("attn.c_proj") give their LoRA arguments.
+        # STUB: self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # STUB: self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **config.lora("attn.c_attn"))
         self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn.c_proj"))
+        # END SOLUTION
         if config.lora_targets == "qv":  # the query and value slices of c_attn, no update for the key
             self.c_attn = LoRASlicedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias,
                                            lora_slices=(True, False, True), **config.lora("attn.c_attn[q,v]"))

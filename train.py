@@ -180,8 +180,12 @@ def build_model(c, ckpt):
         model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024, **lora))
         base_model = 'scratch'
     else:
-        # the handout's TODO: make the model LoRA fine-tuneable
+        # BEGIN SOLUTION train.py LoRA
+        # STUB: # TODO: make the model LoRA fine-tuneable: load c.init_from with LoRA layers of the run's settings.
+        # STUB: # Hint: GPT.from_pretrained(model_type, override_args); lora holds the settings it may override.
+        # STUB: raise NotImplementedError("train.py LoRA: load the pretrained model with LoRA layers")
         model = as_config_error(GPT.from_pretrained, c.init_from, lora)
+        # END SOLUTION
         # a local base is reloaded from wherever the run is continued or evaluated
         base_model = os.path.abspath(c.init_from) if os.path.isdir(c.init_from) else c.init_from
     if c.block_size > model.config.block_size:
@@ -190,7 +194,11 @@ def build_model(c, ckpt):
     if 0 < c.block_size < model.config.block_size:
         model.crop_block_size(c.block_size)
     if c.lora_rank > 0:
+        # BEGIN SOLUTION train.py LoRA
+        # STUB: # TODO: only the LoRA matrices train when lora_rank > 0.
+        # STUB: raise NotImplementedError("train.py LoRA: let only the LoRA matrices train")
         mark_only_lora_as_trainable(model)
+        # END SOLUTION
     else:
         model.requires_grad_(True)
     return model, base_model

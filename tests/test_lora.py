@@ -37,17 +37,29 @@ def test_rank_zero_is_exactly_nn_linear():
     assert not layer.is_lora()
 
 
+def starter_order_reference(seed, in_features, out_features, rank):
+    """W, b and A as the course's starter draws them: nn.Linear's init, then reset_parameters() once A and B
+    exist (W and b again, then A Kaiming-uniform)."""
+    import math
+    torch.manual_seed(seed)
+    ref = nn.Linear(in_features, out_features)
+    ref.reset_parameters()
+    A = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return ref.weight, ref.bias, A
+
+
 def test_shapes_init_and_frozen_after_construction():
-    torch.manual_seed(0)
-    ref = nn.Linear(12, 10)  # the base weight is initialised exactly as nn.Linear's
+    W, b, A = starter_order_reference(0, 12, 10, 4)  # the random draws follow the starter's order
     layer = lora_layer(seed=0)
-    assert torch.equal(layer.weight, ref.weight)
+    assert torch.equal(layer.weight, W) and torch.equal(layer.bias, b) and torch.equal(layer.lora_A, A)
     assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (10, 4)
     assert layer.lora_scaling == 2.0
     assert not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
     assert isinstance(layer.lora_dropout, nn.Dropout)
     fresh = LoRALinear(in_features=12, out_features=10, lora_rank=4, lora_alpha=8.0)
     assert torch.count_nonzero(fresh.lora_B) == 0
+    assert fresh.eval() is fresh and fresh.has_weights_merged and not fresh.training  # the starter's eval()
     # kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(in), 1/sqrt(in))
     assert fresh.lora_A.abs().max() <= 1 / math.sqrt(12) and fresh.lora_A.std() > 0.1 / math.sqrt(12)
     torch.manual_seed(5)
