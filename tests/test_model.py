@@ -277,3 +277,16 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, lo
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
     for a, b in zip(runs[0][2], runs[1][2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_imports_stay_light():
+    """model.py needs only torch and lora.py at import; a one-process train.py never imports FSDP or DTensor."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys, model; bad = [m for m in sys.modules if m.split('.')[0] in ('huggingface_hub', 'configurator', "
+            "'transformers', 'safetensors', 'hf_checkpoint')]; assert not bad, bad; import train; "
+            "bad = [m for m in sys.modules if m.startswith(('torch.distributed.fsdp', 'torch.distributed.tensor'))]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

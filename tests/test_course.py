@@ -1,0 +1,85 @@
+"""The course loop: the starter emitted from the solution markers, its handout tests, and the grader on the
+solution, the starter and broken submissions."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+HANDOUT = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py"]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def starter(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("course") / "starter"
+    r = run("course/make_starter.py", f"--out_dir={dest}")
+    assert r.returncode == 0, r.stderr
+    return dest
+
+
+def grade(submission, tmp_path):
+    results = tmp_path / "results.json"
+    r = run("course/grade.py", f"--submission={submission}", f"--results={results}")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(results.read_text())
+    lost = {t["name"].split(":")[0] for t in out["tests"] if t["score"] < t["max_score"]}
+    return out, lost, r.stdout
+
+
+def test_the_starter_has_no_solution_and_stops_at_its_todos(starter, tiny_ckpt, reviews, tmp_path):
+    texts = {p: p.read_text() for p in starter.rglob("*") if p.is_file()}
+    assert not [p for p, t in texts.items() if re.search(r"BEGIN SOLUTION|END SOLUTION|# STUB:", t)]
+    assert not (starter / "docs").exists() and "| TODO |" not in texts[starter / "README.md"]
+    lora = texts[starter / "lora.py"]
+    assert "raise NotImplementedError(\"LoRALinear.forward" in lora and "self.lora_update(self.lora_dropout(x))" not in lora
+    r = run("-c", "import lora, model, dataloader, train, generate", cwd=starter)
+    assert r.returncode == 0, r.stderr
+    r = run("train.py", "configs/finetune_params_config.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}",
+            f"--out_dir={tmp_path / 'run'}", "--device=cpu", cwd=starter)
+    assert r.returncode != 0 and "NotImplementedError: train.py LoRA" in r.stderr
+    r = run("generate.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path / 'zs'}",
+            "--device=cpu", cwd=starter)
+    assert r.returncode != 0 and r.stderr.strip().endswith("NotImplementedError: ModelSampler.get_accuracy")
+    r = run("generate.py", f"--init_from={tiny_ckpt}", "--prompt=The film", "--device=cpu", cwd=starter)
+    assert r.returncode == 0 and r.stdout.startswith("The film")  # what needs no TODO works as in the solution
+    r = run("course/make_starter.py", f"--out_dir={starter}")
+    assert r.returncode == 2 and "is not empty" in r.stderr
+
+
+def test_the_starters_handout_tests_fail_every_task(starter):
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf"], cwd=starter, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and " passed" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
+def test_grading_the_solution_the_starter_and_broken_submissions(starter, tmp_path):
+    out, lost, table = grade(ROOT, tmp_path)
+    assert out["score"] == 28 and not lost, table
+    out, lost, _ = grade(starter, tmp_path)
+    assert out["score"] == 0 and len(lost) == 10
+    for name, old, new, tasks in [
+        ("no-bias", "y = F.linear(x, self.weight, self.bias)", "y = F.linear(x, self.weight)", {"LoRALinear.forward"}),
+        ("numbers", 'self.prompt.answer(rec["label"]) + EOT', '" " + str(rec["label"]) + EOT',
+         {"CustomDataLoader._add_instruction_finetuning"}),
+        ("unparseable-as-negative", "predicted = [self.prompt.parse(g) for g in generations]",
+         "predicted = [self.prompt.parse(g) or 0 for g in generations]",
+         {"ModelSampler.get_accuracy"})]:
+        sub = tmp_path / name
+        sub.mkdir()
+        for f in HANDOUT:
+            shutil.copyfile(ROOT / f, sub / f)
+        path = sub / ("lora.py" if name == "no-bias" else "dataloader.py" if name == "numbers" else "generate.py")
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new))
+        out, lost, table = grade(sub, tmp_path)
+        assert lost == tasks, (name, table)
