@@ -10,6 +10,7 @@ non-finite weights.
 """
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import asdict
@@ -140,6 +141,17 @@ def diverged(what, it, out_dir, detail=""):
     """The error that stops a run whose loss, gradients or weights became non-finite (what: which)."""
     return FloatingPointError(f"{what} became non-finite{detail} by iteration {it}; {kept(out_dir)}; "
                               f"lower --learning_rate, or use --dtype=float32")
+
+
+def mean_loss(sums, it, c, grad_norm=None):
+    """The mean training loss of sums; a FloatingPointError if it (or grad_norm) is not finite."""
+    loss_sum, count = sums.tolist()
+    loss = loss_sum / max(1, count)
+    if not math.isfinite(loss):
+        raise diverged("the loss", it, c.out_dir)
+    if grad_norm is not None and not math.isfinite(grad_norm.item()):
+        raise diverged("the gradient norm", it, c.out_dir)
+    return loss
 
 
 class Progress:

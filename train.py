@@ -7,11 +7,10 @@ Fine-tune GPT-2 on instruction-templated Rotten Tomatoes reviews, with LoRA or i
     torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py   # data parallel
     torchrun --standalone --nproc_per_node=2 train.py configs/finetune_params_config.py --fsdp=True   # sharded
 
-With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does. Writes to
-out_dir: ckpt.pt (atomically; LoRA runs keep only the adapter by default), metrics.jsonl (one line
-per evaluation), steps.jsonl (one line per log step), loss_curve.png and run.json (base model,
-parameter counts, settings). Top to bottom: the settings, the model, the data, the training loop,
-main; several processes and stop signals are distributed.py's, the logs runlog.py's.
+With lora_rank > 0 only the LoRA matrices train; with lora_rank = 0 every parameter does. Writes
+ckpt.pt (LoRA: the adapter alone), metrics.jsonl, steps.jsonl, loss_curve.png and run.json to out_dir.
+Top to bottom: the settings, the model, the data, the training loop, main; several processes and stop
+signals are distributed.py's, the logs runlog.py's.
 """
 
 import math
@@ -26,8 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, model_from_checkpoint, read_checkpoint,
-                        resume_notes, save_checkpoint, saved_settings)
+from checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
+                        read_checkpoint, resume_notes, save_checkpoint, saved_settings)
 from common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
 from configurator import ConfigError, Settings, check, configure, one_of, run_cli, settings_of
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
@@ -181,8 +180,8 @@ def build_model(c, ckpt):
         base_model = 'scratch'
     else:
         # BEGIN SOLUTION train.py LoRA
-        # STUB: # TODO: make the model LoRA fine-tuneable: load c.init_from with LoRA layers of the run's settings.
-        # STUB: # Hint: GPT.from_pretrained(model_type, override_args); lora holds the settings it may override.
+        # STUB: # TODO: make the model LoRA fine-tuneable: load c.init_from with LoRA layers of the run's settings
+        # STUB: # (Hint: GPT.from_pretrained(model_type, override_args); lora holds what it may override).
         # STUB: raise NotImplementedError("train.py LoRA: load the pretrained model with LoRA layers")
         model = as_config_error(GPT.from_pretrained, c.init_from, lora)
         # END SOLUTION
@@ -263,17 +262,6 @@ def estimate_loss(model, loaders, c, rt):
                 count += len(positions[1])
             out[split] = total.item() / count
     return out
-
-
-def check_finite(sums, it, c, grad_norm=None):
-    """The mean training loss of sums; a FloatingPointError if it (or grad_norm) is not finite."""
-    loss_sum, count = sums.tolist()
-    loss = loss_sum / max(1, count)
-    if not math.isfinite(loss):
-        raise diverged('the loss', it, c.out_dir)
-    if grad_norm is not None and not math.isfinite(grad_norm.item()):
-        raise diverged('the gradient norm', it, c.out_dir)
-    return loss
 
 
 @dataclass
@@ -362,7 +350,7 @@ class Trainer:
     def log_step(self, it, sums, grad_norm, lr, step_s, tokens_per_s):
         """Print and log the mean loss since the last log step (every process's examples); a FloatingPointError
         on every process if it is not finite."""
-        loss = check_finite(sum_over_processes(sums, self.rt), it, self.c,
+        loss = mean_loss(sum_over_processes(sums, self.rt), it, self.c,
                             None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
             self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s * self.rt.world)
@@ -370,7 +358,7 @@ class Trainer:
     def stop(self, it, signum, sums):
         """A stop signal: the weights saved as they are at this step boundary, unless they went bad."""
         c = self.c
-        check_finite(sums, it, c)
+        mean_loss(sums, it, c)
         if self.rt.evaluates:
             self.save()
         if self.rt.master:
