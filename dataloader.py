@@ -155,6 +155,8 @@ class CustomDataLoader:
         self.rank = rank
         self.world_size = world_size
         self.prompt = prompt or Prompt()  # the template and the label words
+        # each label's answer as tokens: its word, then end-of-text
+        self.answers = [tokenizer.encode(self.prompt.answer(y)) + [tokenizer.eot_token] for y in (0, 1)]
         records = [dict(rec) for rec in dataset]
         check_labels([r["label"] for r in records], [r["text"] for r in records])
         self.records = [self._tokenize(self._add_instruction_finetuning(rec)) for rec in records]
@@ -173,12 +175,11 @@ class CustomDataLoader:
     def _tokenize(self, rec):
         """A record's instr_tuned_text as token ids (its review shortened to fit block_size + 1 tokens) and
         how many of them are the answer; the review is ordinary text, whatever it holds."""
-        text = rec["instr_tuned_text"]
-        if not text.endswith(EOT):
-            raise ValueError(f"instr_tuned_text must end in {EOT}, the answer's last token: {text[-40:]!r}")
-        eot = self.tokenizer.eot_token
-        ids = self.tokenizer.encode(text[:-len(EOT)], disallowed_special=()) + [eot]
-        answer = self.tokenizer.encode(self.prompt.answer(rec["label"])) + [eot]
+        text, answer = rec["instr_tuned_text"], self.answers[rec["label"]]
+        ids = self.tokenizer.encode(text.removesuffix(EOT), disallowed_special=()) + [self.tokenizer.eot_token]
+        if not text.endswith(EOT) or ids[-len(answer):] != answer:  # the loss falls on these last tokens
+            raise ValueError(f"instr_tuned_text must end in its label word {self.prompt.answer(rec['label'])!r}, then "
+                             f"{EOT}; it ends {text[-40:]!r}")
         if len(ids) > self.block_size + 1:  # inputs are the text minus its last token
             ids = self.prompt.encode(self.tokenizer, rec["text"], self.block_size + 1 - len(answer)) + answer
         rec["ids"], rec["n_answer"] = ids, len(answer)

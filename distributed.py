@@ -93,8 +93,8 @@ def gradient_scaler(rt):
     return torch.amp.GradScaler(device_type, enabled=rt.dtype == 'float16')
 
 
-def sum_over_processes(t, rt, op='SUM'):
-    """t summed (or op'd) over the processes in place, under torchrun; t itself."""
+def all_reduce(t, rt, op='SUM'):
+    """t summed (or op'd: 'MAX') over the processes in place, under torchrun; t itself."""
     if rt.distributed:
         torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t
@@ -121,7 +121,7 @@ def non_finite_parameter(model, rt):
     trained = [(n, local(p, rt)) for n, p in model.named_parameters() if p.requires_grad]
     bad = torch.stack([~torch.isfinite(p.detach()).all() for _, p in trained]).int()
     if rt.fsdp:
-        sum_over_processes(bad, rt, 'MAX')
+        all_reduce(bad, rt, 'MAX')
     return next((n for (n, _), b in zip(trained, bad.tolist()) if b), None)
 
 
@@ -203,4 +203,4 @@ def stop_requested(rt, it, log_interval):
     if it % log_interval:
         return 0
     flag = torch.tensor([STOP.get('signum', 0)], device=rt.device)
-    return int(sum_over_processes(flag, rt, 'MAX').item())
+    return int(all_reduce(flag, rt, 'MAX').item())

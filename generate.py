@@ -124,9 +124,8 @@ class ModelSampler:
     def __init__(self, out_dir=DEFAULTS.out_dir, init_from=DEFAULTS.init_from, device=DEFAULTS.device,
                  max_new_tokens=DEFAULTS.max_new_tokens, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
                  **settings):
-        c = self.settings = override(DEFAULTS, dict(out_dir=out_dir, init_from=init_from, device=device,
-                                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    top_k=top_k, **settings))
+        c = override(DEFAULTS, dict(out_dir=out_dir, init_from=init_from, device=device, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, **settings))
         check_settings(c)
         c = self.settings = c.frozen()
         self.device = pick_device(c.device)

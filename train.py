@@ -30,8 +30,8 @@ from checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_lo
 from common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
 from configurator import ConfigError, Settings, check, configure, one_of, run_cli, settings_of
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
-from distributed import (finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
-                         stops_deferred, sum_over_processes, wrap)
+from distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
+                         stops_deferred, wrap)
 from lora import evaluating, mark_only_lora_as_trainable, parameter_summary
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
 from runlog import RunLog, method, read_logs
@@ -158,9 +158,6 @@ def read_settings(argv):
 
 def resolved(c, base_model):
     """The settings frozen, checkpoint='auto' made what it stands for: an adapter for LoRA on a pretrained model."""
-    if c.wandb_run_name and not c.wandb_log and int(os.environ.get('RANK', 0)) == 0:
-        print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
-              f"Weights & Biases; add --wandb_log=True")
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
     return c.frozen()
@@ -350,8 +347,7 @@ class Trainer:
     def log_step(self, it, sums, grad_norm, lr, step_s, tokens_per_s):
         """Print and log the mean loss since the last log step (every process's examples); a FloatingPointError
         on every process if it is not finite."""
-        loss = mean_loss(sum_over_processes(sums, self.rt), it, self.c,
-                            None if self.scaler.is_enabled() else grad_norm)
+        loss = mean_loss(all_reduce(sums, self.rt), it, self.c, None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
             self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s * self.rt.world)
 
@@ -409,6 +405,9 @@ def main(argv):
     if rt.master and c.init_from != 'resume' and os.path.exists(ckpt_path(c.out_dir)) and not c.overwrite:
         raise ConfigError(f"{ckpt_path(c.out_dir)} already holds a run's checkpoint: continue it with --init_from=resume, "
                           f"replace it with --overwrite=True, or pick another --out_dir")
+    if rt.master and c.wandb_run_name and not c.wandb_log:
+        print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
+              f"Weights & Biases; add --wandb_log=True")
     # rank 0 holds out_dir: a second command that would write there stops at once
     with hold_out_dir(c.out_dir, command_line()) if rt.master else nullcontext():
         return run(c, ckpt, rt)
