@@ -10,7 +10,6 @@ the TODO). A submission that fails to import, hangs or prints a lot costs only t
 """
 
 import ast
-import json
 import os
 import shutil
 import subprocess

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def pytest_sessionstart(session):
 
 needs_standin = pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in model not found at {STANDIN}")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"Rotten Tomatoes files not found at {DATA}")
+
+
+def cli(*args, cwd=ROOT, env=None, timeout=300):
+    """(exit status, stdout, stderr) of python with these arguments (a script and its flags), run in cwd."""
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return p.returncode, p.stdout, p.stderr
 
 
 def save_random_hf_gpt2(path, seed=0, **shape):

@@ -2,7 +2,6 @@
 solution, the starter and broken submissions."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -10,30 +9,26 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 
 HANDOUT = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py"]
-
-
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def starter(tmp_path_factory):
     dest = tmp_path_factory.mktemp("course") / "starter"
-    r = run("course/make_starter.py", f"--out_dir={dest}")
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli("course/make_starter.py", f"--out_dir={dest}")
+    assert code == 0, err
     return dest
 
 
 def grade(submission, tmp_path):
     results = tmp_path / "results.json"
-    r = run("course/grade.py", f"--submission={submission}", f"--results={results}")
-    assert r.returncode == 0, r.stderr
+    code, table, err = cli("course/grade.py", f"--submission={submission}", f"--results={results}", timeout=600)
+    assert code == 0, err
     out = json.loads(results.read_text())
     lost = {t["name"].split(":")[0] for t in out["tests"] if t["score"] < t["max_score"]}
-    return out, lost, r.stdout
+    return out, lost, table
 
 
 def test_the_starter_has_no_solution_and_stops_at_its_todos(starter, tiny_ckpt, reviews, tmp_path):
@@ -42,18 +37,18 @@ def test_the_starter_has_no_solution_and_stops_at_its_todos(starter, tiny_ckpt, 
     assert not (starter / "docs").exists() and "| TODO |" not in texts[starter / "README.md"]
     lora = texts[starter / "lora.py"]
     assert "raise NotImplementedError(\"LoRALinear.forward" in lora and "self.lora_update(self.lora_dropout(x))" not in lora
-    r = run("-c", "import lora, model, dataloader, train, generate", cwd=starter)
-    assert r.returncode == 0, r.stderr
-    r = run("train.py", "configs/finetune_params_config.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}",
-            f"--out_dir={tmp_path / 'run'}", "--device=cpu", cwd=starter)
-    assert r.returncode != 0 and "NotImplementedError: train.py LoRA" in r.stderr
-    r = run("generate.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path / 'zs'}",
-            "--device=cpu", cwd=starter)
-    assert r.returncode != 0 and r.stderr.strip().endswith("NotImplementedError: ModelSampler.get_accuracy")
-    r = run("generate.py", f"--init_from={tiny_ckpt}", "--prompt=The film", "--device=cpu", cwd=starter)
-    assert r.returncode == 0 and r.stdout.startswith("The film")  # what needs no TODO works as in the solution
-    r = run("course/make_starter.py", f"--out_dir={starter}")
-    assert r.returncode == 2 and "is not empty" in r.stderr
+    code, _, err = cli("-c", "import lora, model, dataloader, train, generate", cwd=starter)
+    assert code == 0, err
+    code, _, err = cli("train.py", "configs/finetune_params_config.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}",
+                       f"--out_dir={tmp_path / 'run'}", "--device=cpu", cwd=starter)
+    assert code != 0 and "NotImplementedError: train.py LoRA" in err
+    code, _, err = cli("generate.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path / 'zs'}",
+                       "--device=cpu", cwd=starter)
+    assert code != 0 and err.strip().endswith("NotImplementedError: ModelSampler.get_accuracy")
+    code, out, _ = cli("generate.py", f"--init_from={tiny_ckpt}", "--prompt=The film", "--device=cpu", cwd=starter)
+    assert code == 0 and out.startswith("The film")  # what needs no TODO works as in the solution
+    code, _, err = cli("course/make_starter.py", f"--out_dir={starter}")
+    assert code == 2 and "is not empty" in err
 
 
 def test_the_starters_handout_tests_fail_every_task(starter):

@@ -9,14 +9,9 @@ import torch
 
 import generate
 import train
-from conftest import ROOT
+from conftest import ROOT, cli
 from configurator import ConfigError
 from checkpoint import load_checkpoint
-
-
-def cli(script, *flags, timeout=300):
-    p = subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
 
 
 def tiny_run(tiny_ckpt, reviews, out_dir, *flags):

@@ -11,16 +11,11 @@ import pytest
 
 import generate
 import train
-from conftest import ROOT, write_reviews
+from conftest import ROOT, cli, write_reviews
 from configurator import ConfigError, help_text
 
 SCRIPTS = ["train.py", "generate.py", "sweep.py", "export.py", "model.py", "bench/perf.py", "bench/merge_latency.py",
            "bench/peft_parity.py", "bench/gpu.py", "bench/lr_vs_alpha.py", "bench/faults.py"]
-
-
-def cli(*args, env=None, timeout=300):
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
