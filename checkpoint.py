@@ -53,6 +53,11 @@ def base_fingerprint(model):
     return h.hexdigest()
 
 
+# what each field of a ckpt.pt must be, where it is there
+FIELDS = dict(model=dict, model_args=dict, config=dict, base_model=str, iter_num=int, optimizer=dict,
+              adapter_only=bool, base_fingerprint=str)
+
+
 def read_checkpoint(path, device="cpu"):
     """The dict in a train.py ckpt.pt, read with weights_only: loading runs no pickled code."""
     if not os.path.isfile(path):
@@ -64,6 +69,18 @@ def read_checkpoint(path, device="cpu"):
                          f"corrupted, or hold objects other than tensors") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
         raise ValueError(f"{path} is not a train.py checkpoint (it needs 'model' and 'model_args')")
+    wrong = next((f"'{k}' is {type(ckpt[k]).__name__}, not {kind.__name__}" for k, kind in FIELDS.items()
+                  if k in ckpt and not isinstance(ckpt[k], kind)), None)
+    if wrong is None and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        wrong = "'model' holds something other than named tensors"
+    if wrong is None and ckpt.get("adapter_only") and "base_model" not in ckpt:
+        wrong = "an adapter-only checkpoint without its 'base_model'"
+    if wrong:
+        raise ValueError(f"{path} is not a train.py checkpoint: {wrong}")
+    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # training never saves one: it was edited or copied from elsewhere
+        raise ValueError(f"{path} holds non-finite values (NaN or inf) in {bad}: it cannot be used; "
+                         f"train again, or restore the checkpoint from a copy")
     return ckpt
 
 

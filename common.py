@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -105,6 +106,10 @@ _WRITE_ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some of yo
                  errno.EPERM: "make the folder writable", errno.EROFS: "pick a folder on a writable disk"}
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def save_atomic(obj, path, write=torch.save):
     """
     Write obj to path so that a crash, a signal or a full disk leaves the old file or the new one,
@@ -119,6 +124,7 @@ def save_atomic(obj, path, write=torch.save):
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror}") from None
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would survive the rename: teammates could not read it
         with os.fdopen(fd, 'wb') as f:
             f.write(obj) if isinstance(obj, (bytes, bytearray)) else write(obj, f)
             f.flush()
@@ -255,7 +261,10 @@ def hold_out_dir(out_dir, command):
     try:
         yield
     finally:
-        os.remove(lock_path)
+        try:
+            os.remove(lock_path)
+        except FileNotFoundError:
+            pass  # out_dir removed under the run: its own write error says so
         os.close(fd)
         _remove_if_empty(out_dir, created)
 
@@ -274,6 +283,8 @@ def command_line():
 
 def error_summary(e):
     """'TypeName: first line of the message' (at most 200 characters of it), for one-line errors."""
+    if isinstance(e, pickle.UnpicklingError):  # torch's message goes on to advise weights_only=False: never that
+        return "UnpicklingError: it holds Python objects other than tensors, which are not loaded (that could run code)"
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 

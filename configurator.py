@@ -44,9 +44,9 @@ class Interrupted(BaseException):
 
 def stop_signals():
     """The signals that ask a command to stop: Ctrl-C, SIGTERM (what Slurm, Kubernetes, `timeout` and
-    notebook restarts send) and SIGHUP (a closed terminal) unless the command was started to ignore
-    it (nohup)."""
-    sigs = [signal.SIGINT, signal.SIGTERM]
+    notebook restarts send), SIGUSR1 (Slurm's `--signal=USR1@60` warning before pre-emption) and
+    SIGHUP (a closed terminal) unless the command was started to ignore it (nohup)."""
+    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         sigs.append(signal.SIGHUP)
     return sigs
@@ -126,16 +126,25 @@ def _check_key(key, config, where):
     return key
 
 
+def _is_path(key):
+    """Settings that name a file or folder: a leading ~ is the home folder there, as in a shell."""
+    return key.endswith(("_dir", "_file", "init_from")) or key in ("dataset", "repo")
+
+
 def _coerce(key, value, default, raw=None):
     """value with the type of default, or a ConfigError."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"setting '{key}' must be a finite number, not {value}")
-    if default is None or value is None or type(value) is type(default):
+    if type(value) is int and not -2**63 <= value < 2**63:  # what torch (and a seed) can hold
+        raise ConfigError(f"setting '{key}' is out of range: {value} (a 64-bit integer, below 9.2e18)")
+    if isinstance(value, str) and value.startswith("~") and _is_path(key):
+        value = os.path.expanduser(value)
+    if default is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(default, str) and raw is not None:
-        return raw  # e.g. --init_from=gpt2-medium, or a name that happens to parse as a number
+        return _coerce(key, raw, default)  # e.g. --init_from=gpt2-medium, or a name that parses as a number
     raise ConfigError(f"setting '{key}' expects {type(default).__name__} (like {default!r}), got {value!r}")
 
 
@@ -163,9 +172,10 @@ def _run_config_file(path, config, defaults):
         line = next((tb.tb_lineno for tb in _frames(e.__traceback__) if tb.tb_frame.f_code.co_filename == path), "?")
         raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+        if key.startswith("_") or key in config and value is config[key]:
             continue
-        if key in config and value is config[key]:
+        if isinstance(value, (types.ModuleType, types.FunctionType, type)) and ALIASES.get(key, key) not in config:
+            continue  # a helper of the config file's own, not a setting
             continue
         key = _check_key(key, config, f" in {path}")
         config[key] = _coerce(key, value, defaults[key])
@@ -193,16 +203,20 @@ def configure(defaults, argv):
         if not key:
             raise ConfigError(f"'{arg}' has no setting name: write --key=value")
         key = _check_key(key, config, "")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            if isinstance(defaults[key], float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-                value = float(raw)  # a non-finite number gets its own message
-            elif defaults[key] is not None and not isinstance(defaults[key], str):
-                raise ConfigError(f"setting '{key}' expects {type(defaults[key]).__name__} "
-                                  f"(like {defaults[key]!r}), got '{raw}'") from None
-            else:
-                value = raw
+        if isinstance(defaults[key], str) and raw[:1] not in ("'", '"'):
+            value = raw  # text is text: no parsing, whatever its length or what it looks like
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: long or deep text
+                if isinstance(defaults[key], float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                    value = float(raw)  # a non-finite number gets its own message
+                elif defaults[key] is not None and not isinstance(defaults[key], str):
+                    shown = raw if len(raw) <= 60 else raw[:57] + "..."
+                    raise ConfigError(f"setting '{key}' expects {type(defaults[key]).__name__} "
+                                      f"(like {defaults[key]!r}), got '{shown}'") from None
+                else:
+                    value = raw
         config[key] = _coerce(key, value, defaults[key], raw)
     return config
 
@@ -241,13 +255,60 @@ def help_text(script):
     return "\n".join(lines)
 
 
+class _Unbroken:
+    """A stream whose reader may go away (`| head`, a closed notebook): from then on its writes go to
+    /dev/null, so that printing never stops a run."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too, at exit
+        os.close(devnull)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _unbroken(stream):
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest's capture and the like: no pipe to break
+        return stream
+    return stream if isinstance(stream, _Unbroken) else _Unbroken(stream)
+
+
 def run_cli(main, argv, script, errors=()):
     """
     The exit status of a script's main(argv): 0 unless it returns an int. --help (or -h) prints
     help_text(script). A ConfigError (status 2), a WriteError or one of errors (status 1) is printed as
     one line on stderr; so is a stop signal (status 128 + its number), which main may catch as
-    Interrupted to finish its step first.
+    Interrupted to finish its step first. Output whose reader has gone is dropped, not an error.
     """
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _unbroken(sys.stdout), _unbroken(sys.stderr)
+    try:
+        return _run(main, argv, script, errors)
+    finally:
+        sys.stdout.flush()  # while a closed pipe is still caught
+        sys.stdout, sys.stderr = streams
+
+
+def _run(main, argv, script, errors):
     if any(arg in HELP for arg in argv):
         print(help_text(script))
         return 0
@@ -268,6 +329,5 @@ def run_cli(main, argv, script, errors=()):
         name = signal.Signals(e.signum).name
         print(f"interrupted ({name}){': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 128 + e.signum
-    except BrokenPipeError:  # output piped into head and the like: not an error of ours
-        sys.stderr.close()
+    except BrokenPipeError:  # a pipe that is not stdout or stderr
         return 1

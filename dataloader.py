@@ -108,16 +108,16 @@ class Prompt:
 
     def encode(self, enc, review, max_tokens, demonstrations=()):
         """Token ids of text(review), the review shortened (never the rest) to fit max_tokens."""
-        ids = enc.encode(self.text(review, demonstrations))
+        ids = enc.encode_ordinary(self.text(review, demonstrations))
         if len(ids) <= max_tokens:
             return ids
-        tokens = enc.encode(clean(review))
+        tokens = enc.encode_ordinary(clean(review))
         overflow = len(ids) - max_tokens
         if overflow >= len(tokens):
             raise ValueError(f"the prompt without its review is longer than {max_tokens} tokens; raise block_size")
         while len(ids) > max_tokens:  # a cut can re-tokenise differently at its edge: cut until it fits
             tokens = tokens[:len(tokens) - overflow]
-            ids = enc.encode(self.text(enc.decode(tokens), demonstrations))
+            ids = enc.encode_ordinary(self.text(enc.decode(tokens), demonstrations))
             overflow = max(1, len(ids) - max_tokens)
         return ids
 
@@ -156,7 +156,8 @@ class CustomDataLoader:
         self.world_size = world_size
         self.prompt = prompt or Prompt()  # the template and the label words
         # each label's answer as tokens: its word, then end-of-text
-        self.answers = [tokenizer.encode(self.prompt.answer(y)) + [tokenizer.eot_token] for y in (0, 1)]
+        self.answers = [tokenizer.encode_ordinary(self.prompt.answer(y)) + [tokenizer.eot_token]
+                        for y in (0, 1)]
         records = [dict(rec) for rec in dataset]
         check_labels([r["label"] for r in records], [r["text"] for r in records])
         self.records = [self._tokenize(self._add_instruction_finetuning(rec)) for rec in records]
@@ -176,7 +177,7 @@ class CustomDataLoader:
         """A record's instr_tuned_text as token ids (its review shortened to fit block_size + 1 tokens) and
         how many of them are the answer; the review is ordinary text, whatever it holds."""
         text, answer = rec["instr_tuned_text"], self.answers[rec["label"]]
-        ids = self.tokenizer.encode(text.removesuffix(EOT), disallowed_special=()) + [self.tokenizer.eot_token]
+        ids = self.tokenizer.encode_ordinary(text.removesuffix(EOT)) + [self.tokenizer.eot_token]
         if not text.endswith(EOT) or ids[-len(answer):] != answer:  # the loss falls on these last tokens
             raise ValueError(f"instr_tuned_text must end in its label word {self.prompt.answer(rec['label'])!r}, then "
                              f"{EOT}; it ends {text[-40:]!r}")
@@ -291,7 +292,7 @@ class _Batches(torch.utils.data.Dataset):
 
 def check_labels(labels, texts, where="the data"):
     """A ValueError naming the first label that is not 0 or 1 (its review, row and where)."""
-    bad = next((i for i, y in enumerate(labels) if y not in (0, 1) or isinstance(y, bool)), None)
+    bad = next((i for i, y in enumerate(labels) if type(y) is not int or y not in (0, 1)), None)  # not 1.0, not True
     if bad is not None:
         raise ValueError(f"label {labels[bad]!r} of review {clean(texts[bad])[:40]!r} (row {bad} of {where}) "
                          f"is not 0 (negative) or 1 (positive)")

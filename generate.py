@@ -142,7 +142,7 @@ class ModelSampler:
                                              partial(load_data, self.dataset, splits))
         del ckpt
         self.prompt = pick_prompt(c, trained)
-        self.label_ids = [self.enc.encode(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
+        self.label_ids = [self.enc.encode_ordinary(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
         self._check_lengths(model.config.block_size)
         # eval() merges LoRA into W, so inference costs what the model without LoRA costs
         self.model = model.to(self.device).eval().use_fast_gelu(self.device == 'cpu')
@@ -169,7 +169,7 @@ class ModelSampler:
             raise ConfigError(f"num_shots={c.num_shots} needs {(c.num_shots + 1) // 2} reviews of each label, but "
                               f"the train split of {self.dataset} has {fewest} of one; use --num_shots={2 * fewest}")
         demonstrations = few_shot_demonstrations(data['train'], c.num_shots, c.seed)
-        fixed = len(self.enc.encode(self.prompt.text('', demonstrations)))
+        fixed = len(self.enc.encode_ordinary(self.prompt.text('', demonstrations)))
         if fixed + c.max_new_tokens >= block:
             raise ConfigError(f"num_shots={c.num_shots} examples take {fixed} tokens: with max_new_tokens="
                               f"{c.max_new_tokens} no review fits the model's context of {block} tokens; "
@@ -184,7 +184,7 @@ class ModelSampler:
         """The prompt followed by the model's continuation of max_new_tokens tokens (decoded, cut at
         end-of-text): greedy at temperature 0, else sampled from the top_k likeliest tokens."""
         c = self.settings
-        idx = torch.tensor([self.enc.encode(prompt)], dtype=torch.long, device=self.device)
+        idx = torch.tensor([self.enc.encode_ordinary(prompt)], dtype=torch.long, device=self.device)
         with self.ctx:
             out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, generator=self.generator)
         return prompt + self._decode(out[0, -c.max_new_tokens:].tolist())

@@ -65,8 +65,13 @@ def read_hf_checkpoint(model_type):
     config_path = fetch("config.json")
     if config_path is None:
         raise fail("no config.json")
-    with open(config_path) as f:
-        hc = json.load(f)
+    try:
+        with open(config_path) as f:
+            hc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise fail(f"its config.json cannot be read ({error_summary(e)})") from None
+    if not isinstance(hc, dict):
+        raise fail("its config.json is not a JSON object")
     _check_plain_gpt2(model_type, hc)
     if (index := fetch("model.safetensors.index.json")) is not None:
         with open(index) as f:
@@ -77,10 +82,12 @@ def read_hf_checkpoint(model_type):
         raise fail("no model.safetensors or pytorch_model.bin")
     state = {}
     for path in files:
-        if path.endswith(".safetensors"):
-            state.update(load_file(path))
-        else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state.update(load_file(path) if path.endswith(".safetensors") else
+                         torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:  # safetensors and torch raise their own types for a short or garbled file
+            raise fail(f"{path} cannot be read ({error_summary(e)}): an interrupted download leaves a "
+                       f"truncated file; download it again") from None
     # GPT2Model checkpoints (OpenAI's) have no "transformer." prefix; GPT2LMHeadModel ones do
     state = {("" if k.startswith(("transformer.", "lm_head.")) else "transformer.") + k:
              v.t() if k.endswith(CONV1D_WEIGHTS) else v

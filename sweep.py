@@ -129,6 +129,10 @@ def plan(c):
     if c.few_shot:
         prompting.append((f'few-shot-{c.num_shots}', f'{c.num_shots}-shot prompting',
                           ['--prompt_style=few_shot', f'--num_shots={c.num_shots}']))
+    try:
+        train_args = shlex.split(c.train_args)
+    except ValueError as e:
+        raise ConfigError(f"train_args cannot be split into flags ({e}): close its quotes") from None
     training = [(*variant, c.lora_lr) for variant in lora_variants(c)]
     if c.full_finetune:
         training.append(('full', 'full fine-tuning', 0, None, [], c.full_lr))
@@ -142,7 +146,7 @@ def plan(c):
                 flags = [f'--init_from={c.init_from}', *data, f'--lora_rank={r}', f'--learning_rate={lr}',
                          f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
                          f'--eval_interval={c.eval_interval}', f'--eval_iters={c.eval_iters}', *extra, *prompt,
-                         *([f'--seed={seed}'] if seed != DEFAULT_SEED else []), *shlex.split(c.train_args)]
+                         *([f'--seed={seed}'] if seed != DEFAULT_SEED else []), *train_args]
                 name = group + suffix + ('' if seed == DEFAULT_SEED else f'-seed{seed}')
                 # the evaluation asks what the run was trained on: its own template and label words
                 runs.append(dict(name=name, group=group + suffix, method=method + about, rank=r, alpha=alpha, lr=lr,
@@ -245,6 +249,8 @@ def run_one(run, c):
         flags = run['train']
         if os.path.exists(ckpt) and not os.path.exists(results_path):  # stopped after it saved: continue it
             flags = ['--init_from=resume'] + [f for f in flags if not f.startswith('--init_from=')]
+        elif os.path.exists(os.path.join(run_dir, 'metrics.jsonl')):  # this run's own logs, of a failed try
+            flags = flags + ['--overwrite=True']
         train_cmd = command('train.py', flags, run_dir)
     eval_cmd = command('generate.py', run['eval'], run_dir)
     row = dict(run, commands=[shlex.join(command(s, f, run_dir)) for s, f in (('train.py', run['train']),
@@ -374,6 +380,8 @@ def main(argv):
     c = configure(DEFAULTS, argv)
     check([one_of('mode', c.mode, EVAL_MODES),
            (not int_list(c.seeds, 'seeds'), "seeds must name at least one seed, like '1337'"),
+           (min(int_list(c.ranks, 'ranks'), default=1) < 1,
+            f"ranks must be >= 1, not {c.ranks!r} (full fine-tuning is --full_finetune=True)"),
            *[one_of('each of targets', t, LORA_TARGETS) for t in c.targets.split(',')],
            *[one_of('each of scalings', s, LORA_SCALINGS) for s in c.scalings.split(',')],
            (not prompt_choices(c), "templates and label_words must each name at least one choice"),
@@ -384,14 +392,41 @@ def main(argv):
            (min(c.lora_lr, c.full_lr, c.alpha_per_rank) <= 0 or c.fixed_alpha < 0,
             "lora_lr, full_lr and alpha_per_rank must be > 0, fixed_alpha >= 0")])
     runs = plan(c)
+    check_runs(runs)
     with hold_out_dir(c.out_dir, command_line()):
         clear_stale_runs(runs, c)
         rows = [run_one(run, c) for run in runs]
         write_table(rows, c, argv, os.path.join(c.out_dir, 'results.md'))
         save_figure(val_loss_figure(rows), os.path.join(c.out_dir, 'val_loss.png'))
     print(f"wrote {os.path.join(c.out_dir, 'results.md')} and val_loss.png")
+    failed = [r for r in rows if r['error']]
+    if failed:  # a scheduler or CI must not read the sweep as a success
+        raise RunsFailed(rows, f"{len(failed)} of {len(rows)} runs failed ({', '.join(r['name'] for r in failed)}), "
+                               f"e.g. {failed[0]['name']}: {failed[0]['error'].removeprefix('error: ')}")
     return rows
 
 
+class RunsFailed(Exception):
+    """Some runs of a finished sweep failed (its table says which): exit status 1."""
+
+    def __init__(self, rows, message):
+        super().__init__(message)
+        self.rows = rows
+
+
+def check_runs(runs):
+    """Each run's flags as train.py and generate.py will check them, before the first run starts."""
+    import generate
+    import train
+    for run in runs:
+        for script, flags in ((train, run['train']), (generate, run['eval'])):
+            if flags is None:
+                continue
+            try:
+                script.check_settings(configure(script.DEFAULTS, flags))
+            except ConfigError as e:
+                raise ConfigError(f"run {run['name']}: {e}") from None
+
+
 if __name__ == '__main__':
-    sys.exit(run_cli(main, sys.argv[1:], __file__))
+    sys.exit(run_cli(main, sys.argv[1:], __file__, errors=(RunsFailed,)))

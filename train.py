@@ -150,6 +150,9 @@ def read_settings(argv):
     saved = saved_settings(ckpt, DEFAULTS)
     c = configure(Settings(DEFAULTS, **{**saved, 'init_from': 'resume', 'out_dir': c.out_dir}), argv)
     check_settings(c)
+    if c.max_iters < ckpt.get('iter_num', 0):
+        raise ConfigError(f"{ckpt_path(c.out_dir)} is at iteration {ckpt['iter_num']}, past max_iters={c.max_iters}: "
+                          f"give a larger --max_iters to train on, or start a new run in another --out_dir")
     notes = resume_notes(c, saved, ckpt)
     if notes and int(os.environ.get('RANK', 0)) == 0:
         print(f"note: resuming with {'; '.join(notes)}: the run will differ from one that was never interrupted")
@@ -402,9 +405,12 @@ def train(t):
 def main(argv):
     c, ckpt = read_settings(argv)
     rt = setup_runtime(c)
-    if rt.master and c.init_from != 'resume' and os.path.exists(ckpt_path(c.out_dir)) and not c.overwrite:
-        raise ConfigError(f"{ckpt_path(c.out_dir)} already holds a run's checkpoint: continue it with --init_from=resume, "
-                          f"replace it with --overwrite=True, or pick another --out_dir")
+    held = [f for f in ('ckpt.pt', 'metrics.jsonl') if os.path.exists(os.path.join(c.out_dir, f))]
+    if rt.master and c.init_from != 'resume' and held and not c.overwrite:
+        what = "a run's checkpoint" if held[0] == 'ckpt.pt' else "another run's logs (its checkpoint is gone)"
+        resume = "continue it with --init_from=resume, " if held[0] == 'ckpt.pt' else ""
+        raise ConfigError(f"{os.path.join(c.out_dir, held[0])} holds {what}: {resume}replace it with "
+                          f"--overwrite=True, or pick another --out_dir")
     if rt.master and c.wandb_run_name and not c.wandb_log:
         print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
               f"Weights & Biases; add --wandb_log=True")
@@ -425,6 +431,9 @@ def run(c, ckpt, rt):
         if ckpt is not None:
             print(f"resuming {ckpt_path(c.out_dir)} at iteration {progress.iter_num} "
                   f"(base model {base_model}, lora_rank={c.lora_rank})")
+            if progress.iter_num >= c.max_iters:
+                print(f"the run is at max_iters={c.max_iters} already: nothing to train (give a larger --max_iters "
+                      f"to train on)")
     model, optimizer, scaler = prepare_training(c, rt, raw_model, ckpt)
     del ckpt
     train_loader, val_loader = make_loaders(c, rt, data, enc, raw_model.config.block_size)

@@ -38,16 +38,30 @@ def test_smoke_grid(tiny_ckpt, reviews, tmp_path, capsys):
     assert capsys.readouterr().out.count("finished before with these settings, reused") == 4
 
 
-def test_failed_runs_are_reported_and_the_rest_go_on(tiny_ckpt, reviews, tmp_path):
-    rows = smoke(tiny_ckpt, reviews, tmp_path, "--train_args=--lora_dropout=1.5", "--few_shot=False",
-                 "--full_finetune=False")
-    by_name = {r["name"]: r for r in rows}
+def test_failed_runs_are_reported_the_rest_go_on_and_the_sweep_fails(tiny_ckpt, reviews, tmp_path):
+    # the tiny model's context is 128 tokens: a failure only the run itself can find
+    with pytest.raises(sweep.RunsFailed) as e:
+        smoke(tiny_ckpt, reviews, tmp_path, "--train_args=--block_size=4096", "--few_shot=False", "--full_finetune=False")
+    assert str(e.value).startswith("1 of 2 runs failed (lora-r4), e.g. lora-r4: block_size=4096 is larger")
+    by_name = {r["name"]: r for r in e.value.rows}
     assert by_name["zero-shot"]["error"] is None and by_name["zero-shot"]["accuracy"] is not None
-    assert by_name["lora-r4"]["error"] == "error: lora_dropout must be in [0, 1), not 1.5"
+    assert by_name["lora-r4"]["error"].startswith("error: block_size=4096 is larger than the model's context")
     table = (tmp_path / "results.md").read_text()
-    assert "failed: error: lora_dropout must be in [0, 1), not 1.5" in table
+    assert "failed: error: block_size=4096" in table
     assert not (tmp_path / "lora-r4" / "results.json").exists()
     json.loads((tmp_path / "zero-shot" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--train_args=--lora_dropout=1.5", "run lora-r4: lora_dropout must be in [0, 1), not 1.5"),
+    ("--train_args=--bogus=1", "run lora-r4: unknown setting 'bogus'"),
+    ("--train_args=--lr='3e-4", "train_args cannot be split into flags (No closing quotation): close its quotes"),
+    ("--ranks=-4", "ranks must be >= 1, not '-4'"),
+])
+def test_what_every_run_would_refuse_stops_the_sweep_before_any_run(tiny_ckpt, reviews, tmp_path, flag, message):
+    with pytest.raises(ConfigError) as e:
+        smoke(tiny_ckpt, reviews, tmp_path / "sweep", flag)
+    assert str(e.value).startswith(message) and not (tmp_path / "sweep").exists()
 
 
 def test_runs_made_with_other_settings_are_never_reused(tiny_ckpt, reviews, tmp_path):
