@@ -166,8 +166,9 @@ def write_json(obj, path):
     save_atomic(json.dumps(obj, indent=2).encode() + b'\n', path)
 
 
-def append_line(path, record):
-    """One JSON line at the end of path; a full disk is a WriteError and leaves the file as it was."""
+def append_line(path, record, then="continue the run with --init_from=resume"):
+    """One JSON line at the end of path; a full disk is a WriteError (ending in what to do then) and leaves
+    the file as it was."""
     line = (json.dumps(record) + '\n').encode()
     try:
         with open(path, 'ab', buffering=0) as f:  # unbuffered: a failed write is seen here, not at close
@@ -179,8 +180,17 @@ def append_line(path, record):
                 os.ftruncate(f.fileno(), size)  # no torn line for the next reader
                 raise
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror}; {_WRITE_ADVICE.get(e.errno, 'fix that')}, then "
-                         f"continue the run with --init_from=resume") from None
+        raise WriteError(f"cannot write {path}: {e.strerror}; {_WRITE_ADVICE.get(e.errno, 'fix that')}, "
+                         f"then {then}") from None
+
+
+def read_json(path, default=None):
+    """The JSON in path, or default where it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
 
 
 def read_jsonl(path):
@@ -189,7 +199,11 @@ def read_jsonl(path):
     records, dropped = [], 0
     if not os.path.exists(path):
         return records, dropped
-    with open(path, 'rb') as f:
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}; move it out of the way") from None
+    with f:
         for line in f:
             if not line.strip():
                 continue

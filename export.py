@@ -19,16 +19,17 @@ writes an adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
-
-from contextlib import ExitStack
 
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save
 
 from checkpoint import load_checkpoint
-from common import as_config_error, command_line, hold_out_dir, hub_offline, save_atomic, write_json
+from common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
 from hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules
 from lora import LoRALinear, is_lora_param, lora_state_dict
@@ -91,14 +92,48 @@ def copy_tokenizer(base_model, tokenizer_dir, dest):
     return copied
 
 
+def _byte_to_char():
+    """GPT-2's byte-level BPE writes every byte as a printable character: those that are stay, the rest move
+    to 256 and up (the mapping tokenizers' vocab.json and merges.txt are written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def tokenizer_from_encoding(enc, dest):
+    """vocab.json and merges.txt for transformers' GPT2Tokenizer, rebuilt from tiktoken's GPT-2 encoding: each
+    token's merge is the last step of byte-pair encoding its bytes with the merges ranked before it."""
+    ranks, char = enc._mergeable_ranks, _byte_to_char()
+    text = lambda token: "".join(char[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the best-ranked adjacent pair until two parts are left
+            i = min(range(len(parts) - 1), key=lambda j: ranks.get(parts[j] + parts[j + 1], rank))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = enc.eot_token
+    write_json(vocab, os.path.join(dest, "vocab.json"))
+    save_atomic(("#version: 0.2\n" + "\n".join(merges) + "\n").encode(), os.path.join(dest, "merges.txt"))
+    write_json({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False},
+               os.path.join(dest, "tokenizer_config.json"))
+    return ["vocab.json", "merges.txt", "tokenizer_config.json"]
+
+
 def save_safetensors(state, path):
     save_atomic(save(state, metadata={"format": "pt"}), path)
 
 
 def export_hf(model, base_model, dest, tokenizer_dir=''):
+    """config.json, model.safetensors and GPT-2's tokenizer (the base model's files, else built from tiktoken's
+    encoding); the tokenizer files written."""
     write_json(hf_config(model.config), os.path.join(dest, "config.json"))
     save_safetensors(hf_state_dict(model), os.path.join(dest, "model.safetensors"))
-    return copy_tokenizer(base_model, tokenizer_dir, dest)
+    return copy_tokenizer(base_model, tokenizer_dir, dest) or tokenizer_from_encoding(gpt2_encoding(), dest)
 
 
 def export_peft(model, base_model, dest):
@@ -125,8 +160,11 @@ def import_peft(adapter_dir, base_model, dest):
     except (OSError, ValueError) as e:
         raise ValueError(f"{adapter_dir} is not a readable PEFT adapter (it needs adapter_config.json and "
                          f"adapter_model.safetensors): {getattr(e, 'strerror', None) or e}") from None
-    if acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
-        raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type {acfg.get('peft_type')})")
+    if not isinstance(acfg, dict) or acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
+        raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type "
+                         f"{acfg.get('peft_type') if isinstance(acfg, dict) else None})")
+    if not (type(acfg.get("r")) is int and acfg["r"] > 0 and type(acfg.get("lora_alpha")) in (int, float)):
+        raise ValueError(f"{adapter_dir}/adapter_config.json needs r (an integer > 0) and lora_alpha (a number)")
     base_model = base_model or acfg.get("base_model_name_or_path")
     state = {}
     for k, v in tensors.items():
@@ -139,13 +177,34 @@ def import_peft(adapter_dir, base_model, dest):
                 lora_targets="attn_mlp" if any(".mlp." in k for k in state) else "attn",
                 lora_scaling="rslora" if acfg.get("use_rslora") else "standard")
     model = GPT.from_pretrained(base_model, lora)
-    for k, v in lora_state_dict(model).items():  # layers the adapter leaves out keep B = 0: no change
+    check_adapter(adapter_dir, acfg, state, lora_state_dict(model), base_model)
+    for k, v in lora_state_dict(model).items():  # modules the adapter leaves out keep B = 0: no change
         state.setdefault(k, v)
     model.load_state_dict(state, strict=False)
     save_atomic({"model": state, "adapter_only": True, "model_args": asdict(model.config), "iter_num": 0,
                  "base_model": base_model, "config": {"imported_from": adapter_dir}},
                 os.path.join(dest, "ckpt.pt"))
     return model
+
+
+def check_adapter(adapter_dir, acfg, state, expected, base_model):
+    """The adapter's tensors against its config's r and its base model's layers: a ValueError before any write."""
+    for k, v in state.items():
+        if k not in expected:
+            raise ValueError(f"{adapter_dir} adapts {k}, which {base_model} does not have: it was made for "
+                             f"another model; give its base with --init_from")
+        rank = v.shape[0] if k.endswith("lora_A") else v.shape[-1]
+        if rank != acfg["r"]:
+            raise ValueError(f"{adapter_dir}: adapter_config.json says r={acfg['r']}, but {k} has rank {rank}")
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{adapter_dir}: {k} is shaped {tuple(v.shape)}, {base_model} needs "
+                             f"{tuple(expected[k].shape)}: it was made for another model; give its base with --init_from")
+    # a module the adapter adapts in some layers must be adapted in all of them (as PEFT's target_modules do)
+    kinds = {re.sub(r"\.h\.\d+\.", ".h.N.", k) for k in state}
+    missing = [k for k in expected if re.sub(r"\.h\.\d+\.", ".h.N.", k) in kinds and k not in state]
+    if missing and not acfg.get("layers_to_transform"):
+        raise ValueError(f"{adapter_dir} has no {missing[0]}, though {base_model} has that layer: it was made for "
+                         f"a model with fewer layers; give its base with --init_from")
 
 
 def check_destination(dest, fmt, overwrite, base_model):
@@ -175,6 +234,11 @@ def main(argv):
               f"python generate.py --init_from=resume --out_dir={c.out_dir}")
         return
     dest = c.export_dir or os.path.join(c.out_dir, c.format)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ConfigError(f"{dest} is a file, not a folder: pick another --export_dir")
+    if c.tokenizer_dir and not all(os.path.isfile(os.path.join(c.tokenizer_dir, f)) for f in TOKENIZER_FILES[:2]):
+        raise ConfigError(f"tokenizer_dir {c.tokenizer_dir} has no {' and '.join(TOKENIZER_FILES[:2])}: give the "
+                          f"folder that holds GPT-2's tokenizer files")
     with ExitStack() as held:
         held.enter_context(hold_out_dir(c.out_dir, command_line()))  # no run writes its checkpoint meanwhile
         model, ckpt = as_config_error(load_checkpoint, os.path.join(c.out_dir, 'ckpt.pt'))
@@ -182,17 +246,32 @@ def main(argv):
         check_destination(dest, c.format, c.overwrite, base_model)
         if os.path.realpath(dest) != os.path.realpath(c.out_dir):
             held.enter_context(hold_out_dir(dest, command_line()))
-        export(c, model, base_model, dest)
+        with staged(dest) as stage:
+            what = export(c, model, base_model, stage)
+        print(f"wrote {what} to {dest}")
+
+
+@contextmanager
+def staged(dest):
+    """A hidden folder in dest to write an export into: its files move into dest once all are written, so an
+    export appears whole or not at all (a full disk or a signal removes the folder)."""
+    stage = tempfile.mkdtemp(dir=dest, prefix=".export.", suffix=".tmp")
+    try:
+        yield stage
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(dest, name))
+        sync_folder(dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def export(c, model, base_model, dest):
+    """The export of c.format written to dest; what it is, in words."""
     if c.format == 'hf':
         copied = export_hf(model, base_model, dest, c.tokenizer_dir)
-        print(f"wrote a transformers GPT-2 checkpoint to {dest}"
-              + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found: pass --tokenizer_dir)"))
-    else:
-        as_config_error(export_peft, model, base_model, dest)
-        print(f"wrote a PEFT adapter for {base_model} to {dest}")
+        return "a transformers GPT-2 checkpoint" + (f" with {', '.join(copied)}" if copied else "")
+    as_config_error(export_peft, model, base_model, dest)
+    return f"a PEFT adapter for {base_model}"
 
 
 if __name__ == '__main__':

@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
-from common import (as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir, pick_device,
-                    pick_dtype, save_atomic, write_json)
+from common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir,
+                    pick_device, pick_dtype, read_json, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
 from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad, load_splits,
                         prompt_errors, stratified_subset)
@@ -63,6 +63,7 @@ device = 'auto'  # auto: cuda, else mps, else cpu
 dtype = 'auto'  # auto: bfloat16 on GPUs of compute capability >= 8, float16 on older ones, else float32
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
+HISTORY = 'results_history.jsonl'  # every evaluation of out_dir, one line each, with its settings
 
 
 def check_settings(c):
@@ -288,9 +289,16 @@ class ModelSampler:
                        num_shots=c.num_shots if c.prompt_style == 'few_shot' else 0,
                        **(dict(iter_num=self.progress[0], max_iters=self.progress[1]) if self.progress else {}),
                        reviews=self.indices if n < self.split_size else 'all')  # positions in the split
-        write_json(summary, os.path.join(out_dir, 'results.json'))
+        path, history = os.path.join(out_dir, 'results.json'), os.path.join(out_dir, HISTORY)
+        previous = read_json(path)
+        if previous is not None and not os.path.exists(history):  # written before there was a history
+            append_line(history, previous, then='run the command again')
+        append_line(history, dict(summary, when=time.strftime('%Y-%m-%d %H:%M:%S')), then='run the command again')
+        write_json(summary, path)
         lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
         save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
+        if previous is not None:
+            summary['replaced'] = previous
         return summary
 
 
@@ -347,7 +355,20 @@ def main(argv):
           f"Unparseable: {summary['unparseable']} ({summary['n']} reviews, {summary['seconds']:.1f} s, "
           f"{summary['examples_per_second']:.1f} reviews/s)")
     print(f"wrote {os.path.join(c.out_dir, 'results.json')} and predictions.jsonl")
+    if 'replaced' in summary:
+        print(f"replaced the results of an earlier evaluation ({describe(summary.pop('replaced'))}); every "
+              f"evaluation's results stay in {os.path.join(c.out_dir, HISTORY)}")
     return summary
+
+
+def describe(results):
+    """An evaluation in a few words: accuracy, how many reviews, of what model, how."""
+    try:
+        how = 'greedy' if not results['temperature'] else f"temperature {results['temperature']}"
+        return (f"accuracy {results['accuracy']:.4f} on {results['n']} reviews of {results['init_from']}, "
+                f"{results['prompt_style']}, {how}")
+    except (KeyError, TypeError, ValueError):
+        return "results.json of another form"
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import command_line, hold_out_dir, log_scale, read_jsonl, save_atomic, save_figure, write_json
+from common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
 from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors, split_label_words
 from model import LORA_SCALINGS, LORA_TARGETS
@@ -171,14 +171,6 @@ def difference(saved, spec):
         out += [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k)]
     return ', '.join(out) or 'a run of another kind'
-
-
-def read_json(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
 
 
 def clear_stale_runs(runs, c):
