@@ -247,6 +247,13 @@ class CustomDataLoader:
             if batch is not None:
                 yield batch
 
+    def shared_batches(self, n):
+        """This process's share of the first n batches of one pass (as __iter__), of those in which every
+        process has a share: under FSDP each forward needs all of them."""
+        order, N, W, B = self._order(0), len(self.records), self.world_size, self.batch_size
+        for i in range(min(n, max(0, (N - (W - 1) * B + W * B - 1) // (W * B)))):
+            yield self._pass_batch(i, order)
+
     def _pass_batch(self, i, order):
         """This rank's share of batch i of one pass over the records in order, or None past them."""
         s = (i * self.world_size + self.rank) * self.batch_size

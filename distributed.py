@@ -41,7 +41,6 @@ def setup_runtime(c):
     else:
         rt.device = pick_device(c.device)
     rt.master = rt.rank == 0
-    rt.evaluates = rt.master or rt.fsdp  # and saves: under FSDP every process, each holding a shard; rank 0 writes
     rt.dtype = pick_dtype(c.dtype, rt.device)
     rt.ctx = autocast(rt.device, rt.dtype)
     return rt

@@ -228,12 +228,12 @@ def prepare_training(c, rt, raw_model, ckpt):
 # --- the data ---------------------------------------------------------------------------------------
 
 def make_loaders(c, rt, data, enc, block_size):
-    """Batches of the train split (this rank's share) and of the validation split."""
+    """Batches of the train and validation splits, this process's share of each."""
     loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=block_size, loss_on=c.loss_on, seed=c.seed,
                   bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1),
                   prompt=Prompt(c.prompt_template, c.label_words))
     return (as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader),
-            as_config_error(CustomDataLoader, data['validation'], **loader))
+            as_config_error(CustomDataLoader, data['validation'], rank=rt.rank, world_size=rt.world, **loader))
 
 
 def label_positions(y, c, device, compiled=False):
@@ -249,18 +249,22 @@ def label_positions(y, c, device, compiled=False):
 
 @torch.no_grad()
 def estimate_loss(model, loaders, c, rt):
-    """Mean loss per target token over eval_iters batches of each split, dropout off, LoRA un-merged."""
+    """
+    Mean loss per target token over the first eval_iters batches of each split, dropout off, LoRA
+    un-merged. Each process takes its share of the same global batches and the sums are added up: one
+    process or N, the same examples and the same number, to float rounding.
+    """
     out = {}
     with evaluating(model):
         for split, loader in loaders.items():
-            total, count = torch.zeros((), device=rt.device), 0
-            for _, (x, y) in zip(range(c.eval_iters), loader):
+            sums = torch.zeros(2, device=rt.device)  # loss summed over target tokens, their count
+            for x, y in loader.shared_batches(c.eval_iters):
                 positions = label_positions(y, c, rt.device)
                 with rt.ctx:
                     _, loss = model(x.to(rt.device), y.to(rt.device), positions=positions)
-                total += loss.float() * len(positions[1])
-                count += len(positions[1])
-            out[split] = total.item() / count
+                sums += torch.stack([loss.float() * len(positions[1]), torch.tensor(float(len(positions[1])))])
+            loss_sum, count = all_reduce(sums, rt).tolist()
+            out[split] = loss_sum / count
     return out
 
 
@@ -352,14 +356,13 @@ class Trainer:
         on every process if it is not finite."""
         loss = mean_loss(all_reduce(sums, self.rt), it, self.c, None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
-            self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s * self.rt.world)
+            self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s)
 
     def stop(self, it, signum, sums):
         """A stop signal: the weights saved as they are at this step boundary, unless they went bad."""
         c = self.c
         mean_loss(sums, it, c)
-        if self.rt.evaluates:
-            self.save()
+        self.save()
         if self.rt.master:
             self.log.plot()
             print(f"interrupted ({signal.Signals(signum).name}): saved checkpoint at iteration {it} to "
@@ -378,7 +381,7 @@ def train(t):
 
         # --- evaluate, and save a checkpoint -------------------------------------------------
         logged_before_it_stopped = c.init_from == 'resume' and it == start and not c.eval_only
-        if t.rt.evaluates and (it % c.eval_interval == 0 or last) and not logged_before_it_stopped:
+        if (it % c.eval_interval == 0 or last) and not logged_before_it_stopped:
             t_log += t.evaluate(it, lr, last)
         if last:
             return 0
@@ -395,6 +398,7 @@ def train(t):
         # --- timing and logging: the only place the host waits for the device between evaluations
         if it % c.log_interval == 0:
             dt = time.time() - t_log
+            tokens = all_reduce(torch.tensor(float(tokens), device=t.rt.device), t.rt).item()  # every process's
             t.log_step(it, sums, grad_norm, lr, dt / min(c.log_interval, it - start + 1), tokens / dt)
             sums.zero_()
             tokens, t_log = 0, time.time()
