@@ -19,7 +19,6 @@ run with other settings is an error, or with --overwrite=True is deleted and run
 """
 
 import itertools
-import json
 import os
 import re
 import shlex

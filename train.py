@@ -411,9 +411,9 @@ def main(argv):
     rt = setup_runtime(c)
     held = [f for f in ('ckpt.pt', 'metrics.jsonl') if os.path.exists(os.path.join(c.out_dir, f))]
     if rt.master and c.init_from != 'resume' and held and not c.overwrite:
-        what = "a run's checkpoint" if held[0] == 'ckpt.pt' else "another run's logs (its checkpoint is gone)"
+        what = "already holds a run's checkpoint" if held[0] == 'ckpt.pt' else "holds another run's logs (its checkpoint is gone)"
         resume = "continue it with --init_from=resume, " if held[0] == 'ckpt.pt' else ""
-        raise ConfigError(f"{os.path.join(c.out_dir, held[0])} holds {what}: {resume}replace it with "
+        raise ConfigError(f"{os.path.join(c.out_dir, held[0])} {what}: {resume}replace it with "
                           f"--overwrite=True, or pick another --out_dir")
     if rt.master and c.wandb_run_name and not c.wandb_log:
         print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "

@@ -1,4 +1,6 @@
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +36,14 @@ needs_standin = pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in model
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"Rotten Tomatoes files not found at {DATA}")
 
 
-def cli(*args, cwd=ROOT, env=None, timeout=300):
-    """(exit status, stdout, stderr) of python with these arguments (a script and its flags), run in cwd."""
-    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def cli(*args, cwd=ROOT, env=None, timeout=300, limit_bytes=None):
+    """(exit status, stdout, stderr) of python with these arguments (a script and its flags), run in cwd;
+    limit_bytes: the largest file it may write, as on a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+                       preexec_fn=limit if limit_bytes else None)
     return p.returncode, p.stdout, p.stderr
 
 

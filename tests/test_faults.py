@@ -3,7 +3,6 @@ non-zero exit, nothing lost, nothing left behind."""
 import json
 import re
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -18,22 +17,12 @@ import generate
 import train
 from common import WriteError, hold_out_dir, save_atomic
 from configurator import ConfigError
-from conftest import ROOT, save_random_hf_gpt2
+from conftest import ROOT, cli, save_random_hf_gpt2
 
 
 def flags(base, reviews, out_dir, *more):
     return [f"--init_from={base}", f"--dataset={reviews}", f"--out_dir={out_dir}", "--device=cpu", "--batch_size=4",
             "--eval_iters=1", "--rank=4", "--alpha=8", *more]
-
-
-def cli(script, *args, limit_bytes=None, timeout=300):
-    """(exit status, stdout, stderr) of a script; limit_bytes: the largest file it may write, as on a full disk."""
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       preexec_fn=limit if limit_bytes else None)
-    return p.returncode, p.stdout, p.stderr
 
 
 def leftovers(folder):
@@ -42,8 +31,8 @@ def leftovers(folder):
 
 # --- signals -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_save_like_ctrl_c(tiny_ckpt, reviews, tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])  # USR1: Slurm's warning
+def test_sigterm_sighup_and_sigusr1_save_like_ctrl_c(tiny_ckpt, reviews, tmp_path, sig):
     p = subprocess.Popen([sys.executable, "train.py", *flags(tiny_ckpt, reviews, tmp_path, "--max_iters=100000",
                                                              "--eval_interval=100000", "--log_interval=1")],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
