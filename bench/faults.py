@@ -79,14 +79,15 @@ class Env:
         return [f"--init_from={self.base}", f"--dataset={self.data}", f"--out_dir={out_dir}", "--device=cpu",
                 "--batch_size=4", "--eval_iters=1", "--rank=4", "--alpha=8", *more]
 
-    def cli(self, script, *args, limit_bytes=None, timeout=180):
+    def cli(self, script, *args, limit_bytes=None, timeout=180, home=None):
         def limit():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
         command = " ".join([script, *(a.replace(self.work + "/", "") for a in args)])
         try:
             p = subprocess.run([sys.executable, script, *args], cwd=self.repo, capture_output=True, text=True,
-                               timeout=timeout, preexec_fn=limit if limit_bytes else None)
+                               timeout=timeout, preexec_fn=limit if limit_bytes else None,
+                               env=dict(os.environ, HOME=home) if home else None)
         except subprocess.TimeoutExpired as e:
             return Result(command, "timeout", e.stdout or "", e.stderr or "")
         return Result(command, p.returncode, p.stdout, p.stderr)
@@ -548,6 +549,368 @@ def _(e, w):
 
 
 # -----------------------------------------------------------------------------
+
+# --- round three: values, text, pipes, loaded files, replaced results, modes, exports, sweeps ---------
+
+def edited_run(e, w, change, run=None):
+    """A copy of the LoRA run with its ckpt.pt changed by change(ckpt)."""
+    import torch
+    run = e.copy(run or e.lora, w)
+    path = os.path.join(run, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return run
+
+
+def refused(r, status=2, says=""):
+    return r.error_line(status) and says in r.last
+
+
+def write_config(w, text):
+    path = os.path.join(w, "cfg.py")
+    open(path, "w").write(text)
+    return path
+
+
+for _script, _flag, _says in (
+        ("train.py", "--max_iters=None", "expects int"), ("train.py", "--lr=None", "expects float"),
+        ("train.py", "--batch_size=None", "expects int"), ("train.py", "--max_iters=True", "expects int"),
+        ("train.py", "--eval_interval=1e3", "expects int"), ("train.py", "--lora_dropout=[0.1]", "expects float"),
+        ("train.py", "--seed=99999999999999999999999", "out of range"),
+        ("generate.py", "--num_samples=None", "expects int"), ("generate.py", "--temperature=None", "expects float"),
+        ("export.py", "--overwrite=None", "expects bool"), ("sweep.py", "--max_iters=None", "expects int"),
+        ("sweep.py", "--seeds=1,99999999999999999999999", "out of range")):
+    case("types", f"{_script} {_flag}: one line")(
+        lambda e, w, s=_script, f=_flag, says=_says: (lambda r: (r, refused(r, says=says)))(
+            e.cli(s, f"--out_dir={os.path.join(w, 'out')}", f, *(e.flags(os.path.join(w, 'out'))[:2]
+                                                                  if s == "train.py" else []))))
+
+for _text, _says in (("batch_size = None", "expects int"), ("learning_rate = lambda: 3", "expects float"),
+                     ("max_iters = 2**70", "out of range")):
+    case("types", f"a config file's `{_text}`: one line")(
+        lambda e, w, t=_text, says=_says: (lambda r: (r, refused(r, says=says) and not os.path.exists(
+            os.path.join(w, "run"))))(e.cli("train.py", write_config(w, t + "\n"), *e.flags(os.path.join(w, "run")))))
+
+
+def float_labels(e, w, script):
+    from conftest import write_reviews
+    data = write_reviews(Path(w, "data"))
+    for split in ("train", "validation", "test"):
+        path = os.path.join(data, f"{split}.csv")
+        lines = open(path).read().splitlines()
+        open(path, "w").write("\n".join([lines[0]] + [ln.rsplit(",", 1)[0] + f",{ln.rsplit(',', 1)[1]}.0"
+                                                     for ln in lines[1:]]) + "\n")
+    args = (e.flags(os.path.join(w, "run"), f"--dataset={data}") if script == "train.py" else
+            [f"--init_from={e.base}", f"--dataset={data}", f"--out_dir={os.path.join(w, 'run')}", "--device=cpu"])
+    r = e.cli(script, *args)
+    return r, refused(r, says="is not 0 (negative) or 1 (positive)")
+
+
+case("types", "labels stored as 0.0/1.0 stop train.py")(lambda e, w: float_labels(e, w, "train.py"))
+case("types", "labels stored as 0.0/1.0 stop generate.py")(lambda e, w: float_labels(e, w, "generate.py"))
+
+
+def at_home(e, w, script, *args):
+    """script with `~/...` paths, HOME set to w: they land there, and no folder named ~ appears."""
+    import shutil as sh
+    sh.copytree(e.data, os.path.join(w, "data"))
+    open(os.path.join(w, "reviews.txt"), "w").write("a fine film\n")
+    open(os.path.join(w, "prompt.txt"), "w").write("The movie was")
+    r = e.cli(script, *args, home=w)
+    return r, r.status == 0 and not os.path.exists(os.path.join(e.repo, "~"))
+
+
+case("paths", "train.py --out_dir=~/run --dataset=~/data")(
+    lambda e, w: (lambda r: (r[0], r[1] and os.path.exists(os.path.join(w, "run", "ckpt.pt"))))(
+        at_home(e, w, "train.py", *e.flags("~/run", "--dataset=~/data", "--max_iters=2"))))
+case("paths", "generate.py --reviews_file=~/reviews.txt")(
+    lambda e, w: at_home(e, w, "generate.py", f"--init_from={e.base}", "--reviews_file=~/reviews.txt", "--device=cpu"))
+case("paths", "generate.py --prompt=FILE:~/prompt.txt")(
+    lambda e, w: at_home(e, w, "generate.py", f"--init_from={e.base}", "--prompt=FILE:~/prompt.txt", "--device=cpu"))
+case("paths", "export.py --export_dir=~/exported")(
+    lambda e, w: (lambda r: (r[0], r[1] and os.path.exists(os.path.join(w, "exported", "model.safetensors"))))(
+        at_home(e, w, "export.py", f"--out_dir={e.copy(e.lora, w)}", "--export_dir=~/exported")))
+
+
+def eot_data(e, w):
+    from conftest import write_reviews
+    data = write_reviews(Path(w, "eot"))
+    for split in ("train", "test"):
+        path = os.path.join(data, f"{split}.csv")
+        lines = open(path).read().splitlines()
+        lines[1] = lines[1].replace(" , take", " <|endoftext|> take", 1)
+        open(path, "w").write("\n".join(lines) + "\n")
+    return data
+
+
+case("text", "a train review holding <|endoftext|> trains")(
+    lambda e, w: (lambda r: (r, r.status == 0))(e.cli("train.py", *e.flags(os.path.join(w, "run"),
+                                                                           f"--dataset={eot_data(e, w)}", "--max_iters=2"))))
+case("text", "a test review holding <|endoftext|> is evaluated")(
+    lambda e, w: (lambda r: (r, r.status == 0))(e.cli("generate.py", f"--init_from={e.base}", f"--dataset={eot_data(e, w)}",
+                                                      f"--out_dir={os.path.join(w, 'out')}", "--device=cpu")))
+for _text in ("a fine <|endoftext|> film", " ".join(["great"] * 3000), "<|endoftext|>", "<|fim_prefix|> x"):
+    case("text", f"--review={_text[:30]!r}{'...' if len(_text) > 30 else ''} is classified")(
+        lambda e, w, t=_text: (lambda r: (r, r.status == 0 and not r.traceback))(
+            e.cli("generate.py", f"--init_from={e.base}", f"--review={t}", "--device=cpu")))
+case("text", "--prompt='<|endoftext|> The movie' is continued")(
+    lambda e, w: (lambda r: (r, r.status == 0))(e.cli("generate.py", f"--init_from={e.base}",
+                                                      "--prompt=<|endoftext|> The movie", "--device=cpu")))
+case("text", "a 3,000-word value for an int setting: one short line")(
+    lambda e, w: (lambda r: (r, refused(r, says="...") and len(r.last) < 200))(
+        e.cli("train.py", "--max_iters=" + " ".join(["great"] * 3000))))
+
+
+def into_closed_pipe(e, w, script, *args):
+    p = subprocess.Popen([sys.executable, script, *args], cwd=e.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    try:
+        status = p.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return Result(f"{script} ... | head -1", "timeout", "", ""), False
+    return Result(f"{script} ... | head -1", status, "", p.stderr.read().decode()), status == 0
+
+
+case("pipes", "train.py ... | head -1 trains on and saves")(
+    lambda e, w: (lambda r: (r[0], r[1] and ckpt_iter(os.path.join(w, "run", "ckpt.pt")) == 6))(
+        into_closed_pipe(e, w, "train.py", *e.flags(os.path.join(w, "run"), "--max_iters=6", "--log_interval=1"))))
+case("pipes", "generate.py ... | head -1 writes its results")(
+    lambda e, w: (lambda r: (r[0], r[1] and os.path.exists(os.path.join(w, "out", "results.json"))))(
+        into_closed_pipe(e, w, "generate.py", f"--init_from={e.base}", f"--dataset={e.data}",
+                         f"--out_dir={os.path.join(w, 'out')}", "--device=cpu")))
+case("pipes", "train.py --help | head -1")(lambda e, w: into_closed_pipe(e, w, "train.py", "--help"))
+
+
+def nan_in(key_end, value=float("nan")):
+    def change(ckpt):
+        ckpt["model"][next(k for k in ckpt["model"] if k.endswith(key_end))].view(-1)[0] = value
+    return change
+
+
+def refused_use(e, w, change, script, *args, run=None):
+    run = edited_run(e, w, change, run)
+    r = e.cli(script, *(a.replace("RUN", run) for a in args))
+    return r, refused(r) and "last good checkpoint" not in r.last and not os.path.exists(os.path.join(run, "hf"))
+
+
+for _name, _change in (("NaN", nan_in("lora_B")), ("inf", nan_in("lora_A", float("inf")))):
+    case("loaded weights", f"generate.py on an adapter holding {_name}: one line")(
+        lambda e, w, ch=_change: refused_use(e, w, ch, "generate.py", "--out_dir=RUN", "--device=cpu"))
+case("loaded weights", "export --format=hf of an adapter holding NaN: refused, nothing exported")(
+    lambda e, w: refused_use(e, w, nan_in("lora_B"), "export.py", "--out_dir=RUN", "--format=hf"))
+case("loaded weights", "export --format=peft of an adapter holding NaN: refused")(
+    lambda e, w: refused_use(e, w, nan_in("lora_B"), "export.py", "--out_dir=RUN", "--format=peft"))
+case("loaded weights", "resume of an adapter holding NaN: refused, no claim of a good checkpoint")(
+    lambda e, w: refused_use(e, w, nan_in("lora_B"), "train.py", "--out_dir=RUN", "--init_from=resume",
+                             "--max_iters=8", f"--dataset={e.data}", "--device=cpu"))
+case("loaded weights", "generate.py on a full run holding NaN in wte: one line")(
+    lambda e, w: refused_use(e, w, nan_in("wte.weight"), "generate.py", "--out_dir=RUN", "--device=cpu", run=e.full))
+
+for _name, _change in (("its config a list", lambda c: c.update(config=[1])), ("its model an int", lambda c: c.update(model=3)),
+                       ("no base_model", lambda c: c.pop("base_model")), ("its iter_num a string", lambda c: c.update(iter_num="2")),
+                       ("its model_args a string", lambda c: c.update(model_args="x"))):
+    case("files", f"a ckpt.pt with {_name}: one line")(
+        lambda e, w, ch=_change: refused_use(e, w, ch, "generate.py", "--out_dir=RUN", "--device=cpu"))
+
+
+@case("files", "metrics.jsonl a folder: resume is one line")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    os.remove(os.path.join(run, "metrics.jsonl"))
+    os.makedirs(os.path.join(run, "metrics.jsonl"))
+    r = e.cli("train.py", *e.flags(run, "--init_from=resume", "--max_iters=6"))
+    return r, refused(r, says="Is a directory")
+
+
+def damaged_base(e, w, damage, script):
+    base = os.path.join(w, "base")
+    shutil.copytree(e.base, base)
+    damage(base)
+    args = (e.flags(os.path.join(w, "run"), f"--init_from={base}") if script == "train.py" else
+            [f"--init_from={base}", f"--dataset={e.data}", f"--out_dir={os.path.join(w, 'run')}", "--device=cpu"])
+    r = e.cli(script, *args)
+    return r, refused(r) and not os.path.exists(os.path.join(w, "run"))
+
+
+def truncate(base):
+    path = os.path.join(base, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 3])
+
+
+case("files", "a truncated model.safetensors in init_from: train.py, one line")(
+    lambda e, w: damaged_base(e, w, truncate, "train.py"))
+case("files", "a truncated model.safetensors in init_from: generate.py, one line")(
+    lambda e, w: damaged_base(e, w, truncate, "generate.py"))
+case("files", "a config.json that is not JSON in init_from: one line")(
+    lambda e, w: damaged_base(e, w, lambda b: open(os.path.join(b, "config.json"), "w").write("{oops"), "train.py"))
+
+
+@case("files", "a checkpoint refused as unsafe never advises weights_only=False")
+def _(e, w):
+    import torch
+    os.makedirs(os.path.join(w, "run"))
+    torch.save({"model": {}, "model_args": {}, "x": object()}, os.path.join(w, "run", "ckpt.pt"))
+    r = e.cli("generate.py", f"--out_dir={os.path.join(w, 'run')}", "--device=cpu")
+    return r, refused(r) and "weights_only" not in r.out + r.err
+
+
+@case("results", "a second generate.py keeps the first's results in results_history.jsonl and says so")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    e.cli("generate.py", f"--out_dir={run}", "--device=cpu")
+    r = e.cli("generate.py", f"--out_dir={run}", "--device=cpu", "--num_samples=4", "--temperature=1.0")
+    history = read_lines(os.path.join(run, "results_history.jsonl"))
+    return r, r.status == 0 and len(history) == 2 and "replaced the results of an earlier evaluation" in r.out
+
+
+@case("results", "a zero-shot evaluation into a fine-tuned run keeps that run's results")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    e.cli("generate.py", f"--out_dir={run}", "--device=cpu")
+    r = e.cli("generate.py", f"--init_from={e.base}", f"--dataset={e.data}", f"--out_dir={run}", "--device=cpu")
+    history = read_lines(os.path.join(run, "results_history.jsonl"))
+    return r, r.status == 0 and [h["init_from"] for h in history] == ["resume", e.base]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+@case("results", "train.py into a folder with another run's logs and no checkpoint refuses")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    os.remove(os.path.join(run, "ckpt.pt"))
+    before = open(os.path.join(run, "metrics.jsonl"), "rb").read()
+    r = e.cli("train.py", *e.flags(run, "--max_iters=2"))
+    return r, refused(r, says="another run's logs") and same_bytes(os.path.join(run, "metrics.jsonl"), before)
+
+
+case("results", "resume with max_iters below the checkpoint's iteration refuses")(
+    lambda e, w: (lambda r: (r, refused(r, says="past max_iters=2")))(
+        e.cli("train.py", *e.flags(e.copy(e.lora, w), "--init_from=resume", "--max_iters=2"))))
+case("results", "resume at the checkpoint's iteration says there is nothing to train")(
+    lambda e, w: (lambda r: (r, r.status == 0 and "nothing to train" in r.out))(
+        e.cli("train.py", *e.flags(e.copy(e.lora, w), "--init_from=resume", "--max_iters=4"))))
+
+
+def mode_of(path):
+    return oct(os.stat(path).st_mode & 0o777) if os.path.exists(path) else None
+
+
+@case("modes", "ckpt.pt, results.json and an export follow the umask (0644 under 022)")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    e.cli("generate.py", f"--out_dir={run}", "--device=cpu")
+    r = e.cli("export.py", f"--out_dir={run}", "--format=hf")
+    modes = [mode_of(os.path.join(run, n)) for n in ("results.json", os.path.join("hf", "model.safetensors"))]
+    fresh = os.path.join(w, "fresh")
+    e.cli("train.py", *e.flags(fresh, "--max_iters=2"))
+    modes.append(mode_of(os.path.join(fresh, "ckpt.pt")))
+    return r, r.status == 0 and modes == ["0o644"] * 3
+
+
+@case("exports", "a full disk during --format=hf leaves no export, and a re-run needs no --overwrite")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    first = e.cli("export.py", f"--out_dir={run}", "--format=hf", limit_bytes=200_000)
+    r = e.cli("export.py", f"--out_dir={run}", "--format=hf")
+    return first, first.error_line(1) and r.status == 0 and os.path.exists(os.path.join(run, "hf", "model.safetensors"))
+
+
+@case("exports", "an hf export of a local base holds vocab.json and merges.txt")
+def _(e, w):
+    run = e.copy(e.lora, w)
+    r = e.cli("export.py", f"--out_dir={run}", "--format=hf")
+    return r, r.status == 0 and all(os.path.exists(os.path.join(run, "hf", f)) for f in ("vocab.json", "merges.txt"))
+
+
+case("exports", "--tokenizer_dir=/nonexistent: one line")(
+    lambda e, w: (lambda r: (r, refused(r, says="tokenizer_dir")))(
+        e.cli("export.py", f"--out_dir={e.copy(e.lora, w)}", "--tokenizer_dir=/nonexistent")))
+
+
+@case("exports", "--export_dir=<a file> names --export_dir")
+def _(e, w):
+    open(os.path.join(w, "file"), "w").write("x")
+    r = e.cli("export.py", f"--out_dir={e.copy(e.lora, w)}", f"--export_dir={os.path.join(w, 'file')}")
+    return r, refused(r, says="--export_dir")
+
+
+def import_onto(e, w, edit_config=None, layers=2):
+    from conftest import save_random_hf_gpt2
+    run = e.copy(e.lora, w)
+    e.cli("export.py", f"--out_dir={run}", "--format=peft")
+    cfg_path = os.path.join(run, "peft", "adapter_config.json")
+    if edit_config:
+        cfg = json.load(open(cfg_path))
+        open(cfg_path, "w").write(json.dumps(edit_config(cfg)))
+    base = e.base
+    if layers != 2:
+        base = os.path.join(w, "deeper")
+        save_random_hf_gpt2(base, n_layer=layers)
+    r = e.cli("export.py", "--format=import_peft", f"--adapter={os.path.join(run, 'peft')}", f"--init_from={base}",
+              f"--out_dir={os.path.join(w, 'imported')}")
+    return r, refused(r) and not os.path.exists(os.path.join(w, "imported"))
+
+
+case("exports", "import_peft of a 2-layer adapter onto a 3-layer base refuses")(lambda e, w: import_onto(e, w, layers=3))
+case("exports", "import_peft of an adapter whose r disagrees with its tensors: one line")(
+    lambda e, w: import_onto(e, w, lambda c: dict(c, r=8)))
+case("exports", "import_peft of an adapter_config.json without r: one line")(
+    lambda e, w: import_onto(e, w, lambda c: {k: v for k, v in c.items() if k != "r"}))
+case("exports", "import_peft of an adapter_config.json that is a list: one line")(lambda e, w: import_onto(e, w, lambda c: [c]))
+
+
+def sweep_with(e, w, *more):
+    return e.cli("sweep.py", f"--init_from={e.base}", f"--dataset={e.data}", f"--out_dir={os.path.join(w, 'sweep')}",
+                 "--device=cpu", "--batch_size=4", "--eval_iters=1", "--ranks=4", "--full_finetune=False",
+                 "--few_shot=False", "--max_iters=2", "--eval_interval=1", "--num_samples=4", *more)
+
+
+for _flag in ("--ranks=-4", "--ranks=0", "--train_args=--bogus=1", "--train_args=--lr='3e-4",
+              "--train_args=--lora_dropout=1.5"):
+    case("sweep", f"sweep.py {_flag}: refused before any run")(
+        lambda e, w, f=_flag: (lambda r: (r, refused(r) and not os.path.exists(os.path.join(w, "sweep"))))(
+            sweep_with(e, w, f)))
+case("sweep", "a run that fails at run time: the table is written and the sweep exits 1")(
+    lambda e, w: (lambda r: (r, r.error_line(1) and os.path.exists(os.path.join(w, "sweep", "results.md"))))(
+        sweep_with(e, w, "--train_args=--block_size=4096")))
+
+case("signals", "SIGUSR1 (Slurm's warning) during training saves and exits 138")(
+    lambda e, w: signal_training(e, w, signal.SIGUSR1))
+
+
+@case("signals", "out_dir removed under a running train.py: one line, no traceback")
+def _(e, w):
+    run = os.path.join(w, "run")
+    p = e.start("train.py", *e.flags(run, "--max_iters=100000", "--eval_interval=5", "--log_interval=1"))
+    shutil.rmtree(run)
+    try:
+        out = p.stdout.read()
+        status = p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return Result("train.py, then rm -rf out_dir", "timeout", "", ""), False
+    r = Result("train.py, then rm -rf out_dir", status, "".join(p.seen) + out, "")
+    return r, status == 1 and not r.traceback and r.last.startswith("error: cannot write")
+
+
+@case("layout", "validation loss before any step: 2 processes x 2 reviews equal 1 process x 4")
+def _(e, w):
+    one = e.cli("train.py", *e.flags(os.path.join(w, "one"), "--max_iters=0", "--eval_iters=3"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *e.flags(os.path.join(w, "two"), "--max_iters=0", "--eval_iters=3", "--batch_size=2")],
+                         cwd=e.repo, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = Result("torchrun --nproc_per_node=2 train.py --batch_size=2 against train.py --batch_size=4", two.returncode,
+               two.stdout, two.stderr)
+    losses = [[ln for ln in out.splitlines() if ln.startswith("step 0:")] for out in (one.out, two.stdout)]
+    r.last = f"{losses[0]} / {losses[1]}"
+    return r, two.returncode == 0 and losses[0] == losses[1] != []
+
 
 def main(argv):
     c = configure(DEFAULTS, argv)
