@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import error_summary, save_atomic
+from common import error_summary, read_json, save_atomic
 from configurator import ConfigError
 from distributed import non_finite_parameter, whole
 from lora import is_lora_param, lora_state_dict
@@ -61,6 +61,10 @@ FIELDS = dict(model=dict, model_args=dict, config=dict, base_model=str, iter_num
 def read_checkpoint(path, device="cpu"):
     """The dict in a train.py ckpt.pt, read with weights_only: loading runs no pickled code."""
     if not os.path.isfile(path):
+        if read_json(os.path.join(os.path.dirname(path), "sweep_run.json"), {}).get("checkpoint_removed"):
+            raise ValueError(f"no checkpoint at {path}: sweep.py removed it after evaluating the run "
+                             f"(--keep_checkpoints=False); remove {os.path.dirname(path)} and run the sweep again, "
+                             f"which keeps checkpoints by default")
         raise ValueError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)

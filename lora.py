@@ -10,12 +10,14 @@ model.train() takes it out again, so a LoRA model evaluates as fast as the model
     model = mark_only_lora_as_trainable(model)        # only lora_A and lora_B train
     trainable, total, percent = parameter_summary(model)
     torch.save(lora_state_dict(model), "adapter.pt")  # a few MB
+    add_lora(any_model, ".*(q|v)_proj", lora_rank=8, lora_alpha=16)  # LoRA on another PyTorch model
 
 After the layer, marked: the machinery that makes merging safe, and LoRASlicedLinear, which adapts
 only some slices of a fused projection (the LoRA paper's query and value of GPT-2's c_attn).
 """
 
 import math
+import re
 from contextlib import contextmanager
 
 import torch
@@ -215,6 +217,38 @@ def mark_only_lora_as_trainable(model):
 def lora_state_dict(model):
     """Only the LoRA tensors of model.state_dict(): a few MB instead of the whole model."""
     return {k: v for k, v in model.state_dict().items() if is_lora_param(k)}
+
+
+def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, rslora=False):
+    """
+    LoRA on any PyTorch model: each nn.Linear whose qualified name matches target_modules (a regular
+    expression matched against the whole name, or a list of names) becomes a LoRALinear holding the same
+    weights, in the same place. Returns the model; make only the LoRA matrices train with
+    mark_only_lora_as_trainable(model). A pattern that matches no nn.Linear is a ValueError naming those
+    there are.
+    """
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    if isinstance(target_modules, str):
+        chosen = [name for name in linears if re.fullmatch(target_modules, name)]
+    else:
+        chosen = list(target_modules)
+    unknown = [name for name in chosen if name not in linears]
+    if not chosen or unknown:
+        raise ValueError(f"target_modules {target_modules!r} names no nn.Linear of the model"
+                         f"{' (' + unknown[0] + ' is none)' if unknown else ''}; it has: {', '.join(linears) or 'none'}")
+    for name in chosen:
+        old = linears[name]
+        new = LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device,
+                         dtype=old.weight.dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, rslora=rslora)
+        new.load_state_dict(old.state_dict(), strict=False)  # the same W and b; A drawn, B zero
+        new.weight.requires_grad_(old.weight.requires_grad)
+        if old.bias is not None:
+            new.bias.requires_grad_(old.bias.requires_grad)
+        new.train(old.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
 
 
 def parameter_summary(model):

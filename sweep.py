@@ -60,7 +60,7 @@ train_args = ''  # more train.py flags for every training run, e.g. '--loss_on=a
 mode = 'generate'  # test accuracy by 'generate' (the homework's rule) or 'score'
 num_samples = 0  # test reviews, drawn at random with each label in its share; 0: all
 eval_batch_size = 32
-keep_checkpoints = False  # ckpt.pt of a finished run is deleted unless True
+keep_checkpoints = True  # keep each finished run's ckpt.pt for generate.py and export.py (full fine-tuning's without its optimizer state); False deletes it
 overwrite = False  # redo runs whose folder holds a run with other settings (deleting it first)
 device = 'auto'
 # -----------------------------------------------------------------------------
@@ -179,6 +179,7 @@ def clear_stale_runs(runs, c):
         run_dir = os.path.join(c.out_dir, run['name'])
         spec = dict(train=run['train'], eval=run['eval'])
         saved = read_json(os.path.join(run_dir, 'sweep_run.json'))
+        saved = saved and {k: saved.get(k) for k in spec}  # not what became of its checkpoint
         has_output = any(os.path.exists(os.path.join(run_dir, f)) for f in ('results.json', 'ckpt.pt', 'metrics.jsonl'))
         if saved is not None and saved != spec:
             stale.append((run_dir, difference(saved, spec)))
@@ -232,7 +233,8 @@ def run_one(run, c):
     """Train (or resume) and evaluate one run unless it finished before with these settings; its table row."""
     run_dir = os.path.join(c.out_dir, run['name'])
     os.makedirs(run_dir, exist_ok=True)
-    write_json(dict(train=run['train'], eval=run['eval']), os.path.join(run_dir, 'sweep_run.json'))
+    spec_path = os.path.join(run_dir, 'sweep_run.json')
+    write_json(dict(read_json(spec_path, {}), train=run['train'], eval=run['eval']), spec_path)
     results_path = os.path.join(run_dir, 'results.json')
     ckpt = os.path.join(run_dir, 'ckpt.pt')
     train_cmd = None
@@ -262,8 +264,8 @@ def run_one(run, c):
     results = read_json(results_path, {})
     info = read_json(os.path.join(run_dir, 'run.json'), {})
     metrics = read_metrics(run_dir)
-    if results and not c.keep_checkpoints and os.path.exists(ckpt):
-        os.remove(ckpt)
+    if results and os.path.exists(ckpt):
+        slim_or_remove(ckpt, c.keep_checkpoints, run_dir)
     trains = run['train'] is not None
     row.update(accuracy=results.get('accuracy'), eval_s=results.get('seconds'), n_test=results.get('n'),
                unparseable=results.get('unparseable'), trainable=info.get('trainable_params', None if trains else 0),
@@ -271,6 +273,23 @@ def run_one(run, c):
                best_val_loss=min((m['val_loss'] for m in metrics), default=None),
                train_s=metrics[-1]['elapsed_s'] if metrics else None, metrics=metrics)
     return row
+
+
+def slim_or_remove(ckpt, keep, run_dir):
+    """A finished run's checkpoint as generate.py and export.py need it: full fine-tuning's without its optimizer
+    state (two thirds of its size), an adapter's as it is (a few MB); or, unless keep, removed, and its folder
+    saying so."""
+    if not keep:
+        os.remove(ckpt)
+        path = os.path.join(run_dir, 'sweep_run.json')
+        write_json(dict(read_json(path, {}), checkpoint_removed=True), path)
+        return
+    import torch
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)
+    if not state.get('adapter_only') and 'optimizer' in state:
+        state.pop('optimizer')
+        state.pop('scaler', None)
+        save_atomic(state, ckpt)
 
 
 def fmt(value, spec, missing='-'):

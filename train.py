@@ -214,7 +214,10 @@ def prepare_training(c, rt, raw_model, ckpt):
     optimizer = raw_model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2),
                                                rt.device.split(':')[0], c.lora_plus_ratio)
     scaler = gradient_scaler(rt)
-    if ckpt is not None:
+    if ckpt is not None and 'optimizer' not in ckpt and rt.master:
+        print("note: the checkpoint holds no optimizer state (kept for evaluation, as sweep.py keeps a finished "
+              "full fine-tuning): AdamW starts afresh")
+    if ckpt is not None and 'optimizer' in ckpt:
         scales = [g['lr_scale'] for g in optimizer.param_groups]  # this command line's LoRA+ ratio
         optimizer.load_state_dict(sharded_like(optimizer, ckpt['optimizer'], rt))
         for group, scale in zip(optimizer.param_groups, scales):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear, LoRASlicedLinear, lora_state_dict, mark_only_lora_as_trainable
+from lora import LoRALinear, LoRASlicedLinear, add_lora, lora_state_dict, mark_only_lora_as_trainable
 from model import GPT, GPTConfig
 
 
@@ -217,3 +217,50 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
         layer.lora_B.normal_()
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), reference(layer, x) + (2.0 - 0.5) * (x @ layer.lora_A.T @ layer.lora_B.T))
+
+
+class Encoder(torch.nn.Module):
+    """Not a GPT: a block of another shape, with layers named as many models name theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        h = self.norm(self.q_proj(x) * torch.sigmoid(self.k_proj(x)) + self.v_proj(x))
+        return self.head(h)
+
+
+def test_add_lora_adapts_the_named_linears_of_any_model():
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(4, 8)
+    before = model(x)
+    add_lora(model, r"(q|v)_proj", lora_rank=2, lora_alpha=4)
+    assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == ["q_proj", "v_proj"]
+    assert torch.equal(model(x), before)  # B = 0: the same function, the same weights
+    mark_only_lora_as_trainable(model)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == \
+        ["q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"]
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).zero_grad()
+    model(x).square().sum().backward()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data -= 0.5 * p.grad
+    trained = model(x)
+    assert not torch.allclose(trained, before)
+    torch.testing.assert_close(model.eval()(x), trained, atol=1e-6, rtol=0)  # merged
+    assert model.q_proj.has_weights_merged
+    # the adapter alone makes a fresh copy compute the same
+    fresh = add_lora(Encoder(), ["q_proj", "v_proj"], lora_rank=2, lora_alpha=4)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items()})
+    torch.testing.assert_close(fresh.train()(x), trained, atol=1e-6, rtol=0)
+    assert set(lora_state_dict(model)) == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"}
+
+
+def test_add_lora_names_the_layers_there_are_when_nothing_matches():
+    with pytest.raises(ValueError, match="names no nn.Linear of the model; it has: q_proj, k_proj, v_proj, head"):
+        add_lora(Encoder(), r"attn\..*")
+    with pytest.raises(ValueError, match=r"\(norm is none\)"):
+        add_lora(Encoder(), ["q_proj", "norm"])

@@ -4,7 +4,9 @@ import json
 import os
 
 import pytest
+import torch
 
+import generate
 import sweep
 from configurator import ConfigError
 
@@ -27,7 +29,10 @@ def test_smoke_grid(tiny_ckpt, reviews, tmp_path, capsys):
     assert lora_r4["alpha"] == 16 and lora_r4["trainable"] == 2 * 4 * ((32 + 96) + (32 + 32))
     assert "--lora_rank=4" in table and "--lora_alpha=16" in table and "--prompt_style=few_shot" in table
     assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / "lora-r4" / "ckpt.pt").exists()  # keep_checkpoints=False
+    # kept for generate.py and export.py: the adapter whole, full fine-tuning without its optimizer state
+    kept = {name: torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("lora-r4", "full")}
+    assert "optimizer" in kept["lora-r4"] and "optimizer" not in kept["full"]
+    assert generate.main([f"--out_dir={tmp_path / 'full'}", "--device=cpu", "--num_samples=2"])["n"] == 2
     assert [m["iter"] for m in lora_r4["metrics"]] == [0, 1, 2]
 
     # a second run reuses what finished with the same settings
@@ -36,6 +41,16 @@ def test_smoke_grid(tiny_ckpt, reviews, tmp_path, capsys):
     smoke(tiny_ckpt, reviews, tmp_path)
     assert os.path.getmtime(tmp_path / "full" / "results.json") == stamp
     assert capsys.readouterr().out.count("finished before with these settings, reused") == 4
+
+
+def test_a_sweep_asked_to_drop_checkpoints_says_so_where_one_is_looked_for(tiny_ckpt, reviews, tmp_path):
+    smoke(tiny_ckpt, reviews, tmp_path, "--keep_checkpoints=False", "--zero_shot=False", "--few_shot=False",
+          "--full_finetune=False")
+    assert not (tmp_path / "lora-r4" / "ckpt.pt").exists()
+    with pytest.raises(ConfigError, match="sweep.py removed it after evaluating the run .*--keep_checkpoints=False"):
+        generate.main([f"--out_dir={tmp_path / 'lora-r4'}", "--device=cpu"])
+    smoke(tiny_ckpt, reviews, tmp_path, "--keep_checkpoints=False", "--zero_shot=False", "--few_shot=False",
+          "--full_finetune=False")  # a finished run is still reused
 
 
 def test_failed_runs_are_reported_the_rest_go_on_and_the_sweep_fails(tiny_ckpt, reviews, tmp_path):
