@@ -61,9 +61,10 @@ class RunLog:
         if self.wandb:
             self.wandb.log({'iter': it, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
 
-    def step(self, it, loss, grad_norm, lr, ms, tokens_per_s):
+    def step(self, it, loss, grad_norm, lr, ms, tokens_per_s, left_s=None):
         print(f"iter {it}: loss {loss:.4f}, grad norm {grad_norm:.6f}, lr {lr:.2e}, time {ms:.0f}ms, "
-              f"{tokens_per_s:,.0f} tokens/s")
+              f"{tokens_per_s:,.0f} tokens/s" + (f", {it + 1}/{self.c.max_iters} {duration(left_s)} left"
+                                                  if left_s is not None else ""))
         self._append(self.steps, self.steps_path, dict(iter=it, loss=loss, grad_norm=grad_norm, lr=lr,
                                                        step_ms=round(ms, 2), tokens_per_s=round(tokens_per_s)))
         if self.wandb:
@@ -77,6 +78,12 @@ class RunLog:
         if self.wandb:
             self.wandb.finish()
             self.wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
+
+
+def duration(seconds):
+    """'45s', '3m20s', '2h05m': a time to plan with."""
+    s = round(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def method(c):

@@ -199,19 +199,27 @@ def command(script, flags, run_dir):
 
 def execute(cmd, log_path):
     """
-    Run cmd with this Python, its output appended to log_path; the last line of its error, or None.
-    The child runs in a session of its own and a stop signal reaches it from here alone, so that
-    train.py saves its checkpoint and the sweep stops only after it has.
+    Run cmd with this Python, its output appended to log_path and its progress (evaluations, the step lines
+    with the time left, the result) shown here as it comes; the last line of its error, or None. The child
+    runs in a session of its own and a stop signal reaches it from here alone, so that train.py saves its
+    checkpoint and the sweep stops only after it has.
     """
     with open(log_path, 'a') as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        p = subprocess.Popen([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen([sys.executable, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
         stop = None
         while True:
             try:
-                returncode = p.wait()
-                break
+                line = p.stdout.readline()
+                if not line:
+                    returncode = p.wait()
+                    break
+                log.write(line)
+                log.flush()
+                if line.startswith(SHOWN) and '\r' not in line:
+                    print(f"  {line.rstrip()}", flush=True)
             except Interrupted as e:
                 stop = stop or e
                 p.send_signal(e.signum)  # a second signal too: the child then stops at once
@@ -223,6 +231,10 @@ def execute(cmd, log_path):
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
     return (lines[-1] if lines else f"exit status {returncode}")[:300]
+
+
+# a run's lines the sweep shows: its setup, evaluations, progress, result and errors
+SHOWN = ('LoRA r=', 'full fine-tuning:', 'step ', 'iter ', 'Accuracy', 'error:', 'note:', 'warning:')
 
 
 def read_metrics(run_dir):
@@ -253,7 +265,7 @@ def run_one(run, c):
         print(f"{run['name']}: finished before with these settings, reused")
     else:
         log = os.path.join(run_dir, 'log.txt')
-        print(f"{run['name']}: running (output in {log})", flush=True)
+        print(f"{run['name']}: running (all its output in {log})", flush=True)
         t0 = time.time()
         if train_cmd:
             row['error'] = execute(train_cmd, log)

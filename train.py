@@ -34,7 +34,7 @@ from distributed import (all_reduce, finish, gradient_scaler, optimized, setup_r
                          stops_deferred, wrap)
 from lora import evaluating, mark_only_lora_as_trainable, parameter_summary
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
-from runlog import RunLog, method, read_logs
+from runlog import RunLog, duration, method, read_logs
 
 # The settings below are defaults only: a config file and --key=value flags override them (with
 # init_from=resume, the run's own settings do), and the run reads the result as c.<name>.
@@ -288,6 +288,7 @@ class Trainer:
 
     def __post_init__(self):
         self.start = self.progress.iter_num if self.progress else 0
+        self.t0 = time.time()
 
     def set_lr(self, it):
         lr = get_lr(self.c, it)
@@ -359,7 +360,8 @@ class Trainer:
         on every process if it is not finite."""
         loss = mean_loss(all_reduce(sums, self.rt), it, self.c, None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
-            self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s)
+            left = (time.time() - self.t0) / (it - self.start + 1) * (self.c.max_iters - it - 1)  # evaluations included
+            self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s, left)
 
     def stop(self, it, signum, sums):
         """A stop signal: the weights saved as they are at this step boundary, unless they went bad."""
@@ -376,7 +378,7 @@ def train(t):
     """The iterations, nanoGPT's way; the number of the signal that stopped them, or 0. t: the Trainer."""
     c, start = t.c, t.start
     sums = torch.zeros(2, device=t.rt.device)  # summed loss and target tokens since the last log step
-    tokens, t_log = 0, time.time()
+    tokens, t_log, logged = 0, time.time(), start - 1
     for it in range(start, c.max_iters + 1):
         # --- set the learning rate ---------------------------------------------------------
         t.progress.iter_num, lr = it, t.set_lr(it)
@@ -399,12 +401,12 @@ def train(t):
         tokens += step_tokens
 
         # --- timing and logging: the only place the host waits for the device between evaluations
-        if it % c.log_interval == 0:
+        if it % c.log_interval == 0 or it == c.max_iters - 1:  # the last step too: the curve ends where the run does
             dt = time.time() - t_log
             tokens = all_reduce(torch.tensor(float(tokens), device=t.rt.device), t.rt).item()  # every process's
-            t.log_step(it, sums, grad_norm, lr, dt / min(c.log_interval, it - start + 1), tokens / dt)
+            t.log_step(it, sums, grad_norm, lr, dt / (it - logged), tokens / dt)
             sums.zero_()
-            tokens, t_log = 0, time.time()
+            tokens, t_log, logged = 0, time.time(), it
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -418,7 +420,8 @@ def main(argv):
         resume = "continue it with --init_from=resume, " if held[0] == 'ckpt.pt' else ""
         raise ConfigError(f"{os.path.join(c.out_dir, held[0])} {what}: {resume}replace it with "
                           f"--overwrite=True, or pick another --out_dir")
-    if rt.master and c.wandb_run_name and not c.wandb_log:
+    saved_name = (ckpt or {}).get('config', {}).get('wandb_run_name')  # a resumed run's own name is no request
+    if rt.master and c.wandb_run_name and not c.wandb_log and c.wandb_run_name != saved_name:
         print(f"warning: wandb_run_name={c.wandb_run_name!r} without wandb_log=True: nothing is logged to "
               f"Weights & Biases; add --wandb_log=True")
     # rank 0 holds out_dir: a second command that would write there stops at once
@@ -435,6 +438,14 @@ def run(c, ckpt, rt):
     progress = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
     if rt.master:
         print(f"{method(c)}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
+        print(f"base {base_model}; {len(data['train']):,} train and {len(data['validation']):,} validation reviews; "
+              f"{rt.device}, {rt.dtype}" + (f", {rt.world} processes" if rt.world > 1 else ""))
+        changed = [f"{k}={c[k]}" for k in DEFAULTS if c[k] != DEFAULTS[k] and k not in ('init_from', 'out_dir', 'checkpoint')]
+        print(f"settings changed from the defaults: {', '.join(changed) or 'none'}")
+        if c.decay_lr and c.warmup_iters > c.max_iters / 2 and not c.eval_only:
+            print(f"note: warmup_iters={c.warmup_iters} is most of max_iters={c.max_iters}: the learning rate "
+                  + ("never reaches" if c.warmup_iters >= c.max_iters else "barely reaches")
+                  + f" {c.learning_rate:g}; use --warmup_iters={max(1, c.max_iters // 10)} for a short run")
         if ckpt is not None:
             print(f"resuming {ckpt_path(c.out_dir)} at iteration {progress.iter_num} "
                   f"(base model {base_model}, lora_rank={c.lora_rank})")
@@ -453,6 +464,11 @@ def run(c, ckpt, rt):
         if rt.master:
             log.close()
     finish(rt)
+    if rt.master and not signum:
+        files = [f for f in ('ckpt.pt', 'metrics.jsonl', 'steps.jsonl', 'run.json', 'loss_curve.png')
+                 if os.path.exists(os.path.join(c.out_dir, f))]
+        print(f"wrote {', '.join(files)} in {c.out_dir} ({duration(time.time() - t.t0)}); "
+              f"evaluate it: python generate.py --out_dir={c.out_dir}")
     return 128 + signum if signum else 0
 
 
