@@ -15,6 +15,7 @@ written with --results=bench/lr_vs_alpha.json).
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -40,20 +41,32 @@ eval_interval = 50
 seed = 1337
 device = 'auto'
 train_args = ''  # more train.py flags for every run
+num_samples = 0  # test reviews each run is scored on (a stratified sample); 0: all 1,066
 results = ''  # the JSON file of the table; '': out_dir/lr_vs_alpha.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 
 
+class RunFailed(Exception):
+    """A train.py or generate.py run of the comparison failed: one line, exit status 1."""
+
+
+def script(path, *args):
+    """Run one of the repository's scripts; its error line as a RunFailed."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, path), *args], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        raise RunFailed(f"{path} failed ({lines[-1] if lines else f'exit status {p.returncode}'})")
+
+
 def train_and_evaluate(c, name, alpha, lr):
     run_dir = os.path.join(c.out_dir, name)
     common = [f'--dataset={c.dataset}', f'--out_dir={run_dir}', f'--device={c.device}']
-    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--init_from={c.init_from}', *common,
-                    '--overwrite=True', f'--lora_rank={c.lora_rank}', f'--lora_alpha={alpha}', f'--learning_rate={lr}',
-                    f'--max_iters={c.max_iters}', f'--eval_interval={c.eval_interval}', f'--seed={c.seed}',
-                    *c.train_args.split()], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, os.path.join(ROOT, 'generate.py'), '--init_from=resume', *common], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script('train.py', f'--init_from={c.init_from}', *common, '--overwrite=True', f'--lora_rank={c.lora_rank}',
+           f'--lora_alpha={alpha}', f'--learning_rate={lr}', f'--max_iters={c.max_iters}',
+           f'--eval_interval={c.eval_interval}', f'--seed={c.seed}', *shlex.split(c.train_args))
+    script('generate.py', '--init_from=resume', *common, f'--num_samples={c.num_samples}')
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
         val = [json.loads(line)['val_loss'] for line in f]
     with open(os.path.join(run_dir, 'results.json')) as f:
@@ -90,4 +103,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, sys.argv[1:], __file__))
+    sys.exit(run_cli(main, sys.argv[1:], __file__, errors=(RunFailed,)))
