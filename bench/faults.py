@@ -901,9 +901,9 @@ def _(e, w):
 
 @case("layout", "validation loss before any step: 2 processes x 2 reviews equal 1 process x 4")
 def _(e, w):
-    one = e.cli("train.py", *e.flags(os.path.join(w, "one"), "--max_iters=0", "--eval_iters=3"))
+    one = e.cli("train.py", *e.flags(os.path.join(w, "one"), "--max_iters=1", "--eval_iters=3"))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *e.flags(os.path.join(w, "two"), "--max_iters=0", "--eval_iters=3", "--batch_size=2")],
+                          "train.py", *e.flags(os.path.join(w, "two"), "--max_iters=1", "--eval_iters=3", "--batch_size=2")],
                          cwd=e.repo, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     r = Result("torchrun --nproc_per_node=2 train.py --batch_size=2 against train.py --batch_size=4", two.returncode,
                two.stdout, two.stderr)

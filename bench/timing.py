@@ -16,10 +16,11 @@ def device_sync(dev):
     return torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
 
 
-def timed_rounds(fns, rounds, sync, warmup=1, rotate=False):
+def timed_rounds(fns, rounds, sync, warmup=1, rotate=False, every=False):
     """
     Median seconds of each function, called in turns round after round (each going first in turn
-    with rotate), after warmup calls each: a machine that gets busier slows them all alike.
+    with rotate), after warmup calls each: a machine that gets busier slows them all alike. every:
+    each round's seconds instead of the median.
     """
     for _ in range(warmup):
         for f in fns.values():
@@ -32,12 +33,13 @@ def timed_rounds(fns, rounds, sync, warmup=1, rotate=False):
             fns[k]()
             sync()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times if every else {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.no_grad()
-def merge_latency(model, lora_rank, batch_size, seq_len, rounds, dev, seed):
-    """Median forward seconds of the same random GPT-2 shape without LoRA, with LoRA merged, and un-merged."""
+def merge_latency(model, lora_rank, batch_size, seq_len, rounds, dev, seed, every=False):
+    """Median forward seconds (every: each round's) of the same random GPT-2 shape without LoRA, with LoRA
+    merged, and un-merged."""
     torch.manual_seed(seed)
     shape = dict(PRETRAINED_SHAPES[model], block_size=max(seq_len, 64))
     lora = dict(lora_rank=lora_rank, lora_alpha=2.0 * lora_rank)
@@ -53,4 +55,4 @@ def merge_latency(model, lora_rank, batch_size, seq_len, rounds, dev, seed):
     idx = torch.randint(0, 50257, (batch_size, seq_len), device=dev)
     variants = {'no LoRA': plain, 'LoRA merged': merged, 'LoRA un-merged': unmerged}
     return timed_rounds({k: (lambda m=m: m(idx, idx)) for k, m in variants.items()}, rounds, device_sync(dev),
-                        rotate=True)
+                        rotate=True, every=every)
