@@ -28,7 +28,7 @@ from model import GPT, OVERRIDABLE, GPTConfig
 HARMLESS = {"out_dir", "init_from", "overwrite", "max_iters", "eval_interval", "eval_iters", "log_interval", "eval_only",
             "always_save_checkpoint", "checkpoint", "wandb_log", "wandb_project", "wandb_run_name", "device",
             "compile", "pad_multiple", "grad_checkpoint", "fsdp"}
-MODEL_SETTINGS = (*OVERRIDABLE, "n_layer", "n_head", "n_embd", "block_size")  # a resumed run keeps its model
+MODEL_SETTINGS = (*OVERRIDABLE, "lora_init", "n_layer", "n_head", "n_embd", "block_size")  # a resumed run keeps its model
 MACHINE_SETTINGS = ("device", "dtype", "compile", "grad_checkpoint", "fsdp")  # taken from the new command line
 
 
@@ -101,7 +101,8 @@ def _adapter_model(path, ckpt, state):
     if len(ckpt.get("base_fingerprint") or "") == 64 and ckpt["base_fingerprint"] != base_fingerprint(model):
         raise ValueError(f"the base model {ckpt['base_model']} has other weights than the one the adapter in "
                          f"{path} was trained on")
-    missing = set(lora_state_dict(model)) ^ set(state)
+    # PiSSA's initial A and B come with the adapter alone: loading them rebuilds the residual W (lora.py)
+    missing = set(lora_state_dict(model)) ^ {k for k in state if not is_lora_param(k, "lora_A0", "lora_B0")}
     if missing:
         raise RuntimeError(f"adapter tensors differ from the model's, e.g. {sorted(missing)[0]}")
     model.load_state_dict(state, strict=False)

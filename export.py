@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save
 from checkpoint import load_checkpoint
 from common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
-from hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules
+from hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules, peft_tensors
 from lora import LoRALinear, is_lora_param, lora_state_dict
 from model import GPT
 
@@ -141,13 +141,18 @@ def export_peft(model, base_model, dest):
     if cfg.lora_rank == 0:
         raise ValueError("this run has no LoRA (lora_rank=0): export it with --format=hf")
     target_modules = peft_target_modules(cfg.lora_targets)
-    write_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-                "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                "target_modules": target_modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
-                "init_lora_weights": True, "use_rslora": cfg.lora_scaling == "rslora", "modules_to_save": None},
-               os.path.join(dest, "adapter_config.json"))
+    rslora = cfg.lora_scaling == "rslora"
     # PEFT keeps A as Linear(in, r) and B as Linear(r, out) even around Conv1D: the same shapes as here
-    state = {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().clone() for k, v in lora_state_dict(model).items()}
+    state = peft_tensors(model)
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    # PiSSA's change from its start has rank 2r: alpha grows with it, so that the scale stays alpha / r
+    alpha = cfg.lora_alpha * (rank / cfg.lora_rank) ** (0.5 if rslora else 1.0)
+    write_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                "r": rank, "lora_alpha": alpha, "lora_dropout": cfg.lora_dropout,
+                "target_modules": target_modules, "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
+                "init_lora_weights": True, "use_rslora": rslora, "use_dora": cfg.lora_variant == "dora",
+                "modules_to_save": None},
+               os.path.join(dest, "adapter_config.json"))
     save_safetensors(state, os.path.join(dest, "adapter_model.safetensors"))
 
 
@@ -160,7 +165,7 @@ def import_peft(adapter_dir, base_model, dest):
     except (OSError, ValueError) as e:
         raise ValueError(f"{adapter_dir} is not a readable PEFT adapter (it needs adapter_config.json and "
                          f"adapter_model.safetensors): {getattr(e, 'strerror', None) or e}") from None
-    if not isinstance(acfg, dict) or acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
+    if not isinstance(acfg, dict) or acfg.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type "
                          f"{acfg.get('peft_type') if isinstance(acfg, dict) else None})")
     if not (type(acfg.get("r")) is int and acfg["r"] > 0 and type(acfg.get("lora_alpha")) in (int, float)):
@@ -169,13 +174,16 @@ def import_peft(adapter_dir, base_model, dest):
     state = {}
     for k, v in tensors.items():
         name = k.removeprefix(PEFT_PREFIX).removesuffix(".weight").removesuffix(".default")
-        if not re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_[AB]", name):
+        name = name.replace("lora_magnitude_vector", "lora_magnitude")  # DoRA's
+        if not re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+                            r"\.lora_(A|B|magnitude)", name):
             raise ValueError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj and MLP c_fc and "
                              f"c_proj can be imported")
         state[name] = v.float()
     lora = dict(lora_rank=acfg["r"], lora_alpha=float(acfg["lora_alpha"]), lora_dropout=float(acfg.get("lora_dropout", 0.0)),
                 lora_targets="attn_mlp" if any(".mlp." in k for k in state) else "attn",
-                lora_scaling="rslora" if acfg.get("use_rslora") else "standard")
+                lora_scaling="rslora" if acfg.get("use_rslora") else "standard",
+                lora_variant="dora" if acfg.get("use_dora") else "lora")
     model = GPT.from_pretrained(base_model, lora)
     check_adapter(adapter_dir, acfg, state, lora_state_dict(model), base_model)
     for k, v in lora_state_dict(model).items():  # modules the adapter leaves out keep B = 0: no change
@@ -194,7 +202,7 @@ def check_adapter(adapter_dir, acfg, state, expected, base_model):
             raise ValueError(f"{adapter_dir} adapts {k}, which {base_model} does not have: it was made for "
                              f"another model; give its base with --init_from")
         rank = v.shape[0] if k.endswith("lora_A") else v.shape[-1]
-        if rank != acfg["r"]:
+        if not k.endswith("lora_magnitude") and rank != acfg["r"]:
             raise ValueError(f"{adapter_dir}: adapter_config.json says r={acfg['r']}, but {k} has rank {rank}")
         if v.shape != expected[k].shape:
             raise ValueError(f"{adapter_dir}: {k} is shaped {tuple(v.shape)}, {base_model} needs "

@@ -120,9 +120,35 @@ def peft_target_modules(lora_targets):
     return PEFT_TARGET_MODULES[lora_targets]
 
 
+def peft_tensors(model):
+    """
+    The model's adapter under the names a saved PEFT adapter gives it: LoRA's A and B, DoRA's magnitudes
+    (lora_magnitude_vector). A PiSSA adapter becomes, as PEFT converts one, a plain LoRA adapter of its
+    change from its start, of rank 2r: s (B A - B0 A0) = s [B, -B0] [A; A0].
+    """
+    state, out = lora_state_dict(model), {}
+    for k, v in state.items():
+        layer, kind = k.rsplit(".", 1)
+        if kind == "lora_magnitude":
+            out[f"{PEFT_PREFIX}{layer}.lora_magnitude_vector"] = v
+        elif kind in ("lora_A", "lora_B"):
+            if f"{layer}.lora_A0" in state:
+                start = state[f"{layer}.{kind}0"]
+                v = torch.cat([v, start]) if kind == "lora_A" else torch.cat([v, -start], dim=1)
+            out[f"{PEFT_PREFIX}{k}.weight"] = v
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
 def copy_lora_into_peft(model, peft_model):
-    """Set a live PEFT model's LoRA matrices (adapter "default") to this repository's model's."""
+    """Set a live PEFT model's adapter ("default") to this repository's model's: A, B, DoRA's magnitudes, and for
+    PiSSA the residual W too (PEFT's base layers hold Conv1D weights, (in, out))."""
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for k, v in lora_state_dict(model).items():
-            params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
+            layer, kind = k.rsplit(".", 1)
+            if kind in ("lora_A", "lora_B"):
+                params[f"{PEFT_PREFIX}{k}.default.weight"].copy_(v)
+            elif kind == "lora_magnitude":
+                params[f"{PEFT_PREFIX}{layer}.lora_magnitude_vector.default.weight"].copy_(v)
+            elif kind == "lora_A0":
+                params[f"{PEFT_PREFIX}{layer}.base_layer.weight"].copy_(model.get_submodule(layer).weight.t())

@@ -149,9 +149,20 @@ class LoRALinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         merged = self.has_weights_merged
         self.unmerge()  # load W, A, B as the un-merged tensors they are ...
+        pissa = prefix + "lora_A0" in state_dict
+        if pissa and getattr(self, "lora_A0", None) is None:  # a PiSSA layer's initial A and B (see pissa_init)
+            self.register_buffer("lora_A0", torch.empty_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.empty_like(self.lora_B))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if pissa and prefix + "weight" not in state_dict:  # an adapter alone, on the original base: its residual
+            with torch.no_grad():
+                self.weight.copy_(self.weight.float() - _pissa_update(self))
+        self._after_load(state_dict, prefix)
         if merged:
             self.merge()  # ... then fold the loaded update back in
+
+    def _after_load(self, state_dict, prefix):
+        """What a variant of the layer derives from loaded weights (DoRA: its magnitudes)."""
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -197,9 +208,138 @@ class LoRASlicedLinear(LoRALinear):
         return super().extra_repr() + (f", lora_slices={self.lora_slices}" if self.is_lora() else "")
 
 
+# --- variants: DoRA and PiSSA ------------------------------------------------------------------------
+
+class DoRALinear(LoRALinear):
+    """
+    DoRA (Liu et al., 2024, arXiv:2402.09353): the adapted weight has the direction of W + s B A and,
+    per output feature, the length of a learned magnitude m (initialised to the lengths of W's rows),
+
+        y = m / ||W + s B A|| * (W x + s B A dropout(x)) + b
+
+    the norm taken over each output feature's row and, as in the paper and PEFT, treated as a constant
+    in the backward pass. With dropout, W x's share of the update sees dropout(x) too, as in PEFT.
+    Merging folds the whole change into W and remembers the factor m / ||W + s B A|| to undo it.
+    """
+
+    @classmethod
+    def from_lora(cls, layer):
+        """The LoRALinear layer (with LoRA), in place, as a DoRALinear; m from its weights."""
+        layer.__class__ = cls
+        layer._factor = None  # m / ||W + s B A|| while merged
+        layer.lora_magnitude = nn.Parameter(layer._norm(), requires_grad=layer.lora_A.requires_grad)
+        return layer
+
+    def reset_magnitude(self):
+        """m = ||W + s B A||: the layer computes what W + s B A does (after new weights are loaded)."""
+        self.lora_magnitude.data.copy_(self._norm())
+
+    @torch.no_grad()
+    def _norm(self, weight=None):
+        """||W + s B A|| of each output feature's row, in float32."""
+        W = self._unmerged_weight() if weight is None else weight
+        return torch.linalg.vector_norm(W.float() + super().delta_weight(), dim=1)
+
+    def forward(self, x):
+        if self.has_weights_merged:
+            return F.linear(x, self.weight, self.bias)
+        scale = (self.lora_magnitude / self._norm(self.weight)).to(x.dtype)  # no gradient through the norm
+        wx = F.linear(x, self.weight)
+        dropped = self.training and self.lora_dropout.p > 0
+        xd = self.lora_dropout(x) if dropped else x
+        y = wx + (scale - 1) * (F.linear(xd, self.weight) if dropped else wx) \
+            + scale * self.lora_scaling * self.lora_update(xd)
+        return y if self.bias is None else y + self.bias
+
+    def _unmerged_weight(self):
+        if not self.has_weights_merged:
+            return self.weight
+        return self.weight.detach().float() / self._factor[:, None] - super().delta_weight()
+
+    def delta_weight(self):
+        """What merging adds to W: m / ||W + s B A|| * (W + s B A) - W, in float32."""
+        W = self._unmerged_weight().detach().float()
+        factor = self.lora_magnitude.detach().float() / self._norm(W)
+        return factor[:, None] * (W + super().delta_weight()) - W
+
+    @torch.no_grad()
+    def _add_delta(self, sign):
+        if sign > 0:
+            factor = self.lora_magnitude.detach().float() / self._norm()
+            merged = factor[:, None] * (self.weight.float() + super().delta_weight())
+            if not torch.isfinite(merged).all():
+                raise ValueError("the DoRA update holds NaN or infinite values (the training diverged); "
+                                 "refusing to add it to the weights")
+            self.weight.copy_(merged)
+            self._factor = factor
+        else:
+            self.weight.copy_(self._unmerged_weight())
+            self._factor = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Linear._save_to_state_dict(self, destination, prefix, keep_vars)
+        if self.has_weights_merged:
+            destination[prefix + "weight"] = self._unmerged_weight().to(self.weight.dtype)
+
+    def _after_load(self, state_dict, prefix):
+        if prefix + "lora_magnitude" not in state_dict and prefix + "weight" in state_dict:
+            self.reset_magnitude()  # new weights without magnitudes: m from them
+
+    def extra_repr(self):
+        return super().extra_repr() + ", dora"
+
+
+def use_dora(model):
+    """Every LoRALinear layer with LoRA of model, in place, a DoRALinear; the model."""
+    for m in model.modules():
+        if type(m) is LoRALinear and m.is_lora():
+            DoRALinear.from_lora(m)
+    return model
+
+
+def _pissa_update(layer):
+    """s B0 A0: what PiSSA moved out of W into the adapter's initial A and B, in float32."""
+    return layer.lora_scaling * (layer.lora_B0.float() @ layer.lora_A0.float())
+
+
+@torch.no_grad()
+def pissa_init(model, niter=None):
+    """
+    PiSSA (Meng et al., 2024, arXiv:2404.02948) on every LoRA layer of model: A and B start from the top
+    r singular vectors and values of W (W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so
+    s B A is W's best rank-r part) and W becomes the residual W - s B A, so the model computes what it
+    did. niter: a randomised SVD with that many subspace iterations (torch.svd_lowrank) instead of the
+    exact one. The initial A and B stay in the layer as buffers lora_A0, lora_B0: with them an adapter
+    alone rebuilds the residual from the original base. The model.
+    """
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and m.is_lora():
+            if isinstance(m, LoRASlicedLinear):
+                raise ValueError("PiSSA starts from the singular vectors of a whole weight, not of slices of it: "
+                                 "use lora_targets attn or attn_mlp")
+            W = m.weight.float()
+            if niter is None:
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            else:
+                U, S, V = torch.svd_lowrank(W, q=m.lora_rank, niter=niter)
+                Vh = V.t()
+            r = m.lora_rank
+            root = torch.sqrt(S[:r] / m.lora_scaling)
+            m.lora_A.copy_(root[:, None] * Vh[:r])
+            m.lora_B.copy_(U[:, :r] * root[None, :])
+            m.register_buffer("lora_A0", m.lora_A.detach().clone())
+            m.register_buffer("lora_B0", m.lora_B.detach().clone())
+            m.weight.copy_(W - _pissa_update(m))
+    return model
+
+
 def is_lora_param(name, *kinds):
-    """Whether a parameter's name is a LoRA matrix's: lora_A or lora_B, or only the kinds given."""
-    return name.rsplit(".", 1)[-1] in (kinds or ("lora_A", "lora_B"))
+    """Whether a state-dict name is an adapter's: lora_A or lora_B, DoRA's lora_magnitude, PiSSA's initial
+    lora_A0 and lora_B0; or only the kinds given."""
+    return name.rsplit(".", 1)[-1] in (kinds or ADAPTER_TENSORS)
+
+
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")
 
 
 def mark_only_lora_as_trainable(model):

@@ -29,7 +29,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lora import LoRALinear, LoRASlicedLinear, is_lora_param, mark_only_lora_as_trainable, parameter_summary
+from lora import (DoRALinear, LoRALinear, LoRASlicedLinear, is_lora_param, mark_only_lora_as_trainable,
+                  parameter_summary, use_dora)
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -38,7 +39,7 @@ PRETRAINED_SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_scaling")
+OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_scaling", "lora_variant")
 # where LoRA goes, by lora_targets: the handout's attention projections; the LoRA paper's query and
 # value only (slices of the fused c_attn, "c_attn[q,v]"); or the attention and the MLP
 LORA_LAYERS = {
@@ -48,6 +49,7 @@ LORA_LAYERS = {
 }
 LORA_TARGETS = tuple(LORA_LAYERS)
 LORA_SCALINGS = ("standard", "rslora")
+LORA_VARIANTS = ("lora", "dora")  # the update: W + s B A, or DoRA's magnitude and direction (lora.py)
 
 
 @dataclass
@@ -64,10 +66,13 @@ class GPTConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     lora_targets: str = "attn"  # one of LORA_TARGETS
     lora_scaling: str = "standard"  # alpha / r, or "rslora": alpha / sqrt(r)
+    lora_variant: str = "lora"  # one of LORA_VARIANTS
 
     def __post_init__(self):
         assert self.lora_targets in LORA_TARGETS, f"lora_targets must be one of {LORA_TARGETS}"
         assert self.lora_scaling in LORA_SCALINGS, f"lora_scaling must be one of {LORA_SCALINGS}"
+        assert self.lora_variant in LORA_VARIANTS, f"lora_variant must be one of {LORA_VARIANTS}"
+        assert not (self.lora_variant == "dora" and self.lora_targets == "qv"), "DoRA adapts whole weights, not qv's slices"
 
     def lora(self, layer):
         """LoRALinear's LoRA arguments for a layer (its name in LORA_LAYERS): rank 0 where LoRA does not go."""
@@ -201,6 +206,8 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_variant == "dora":
+            use_dora(self)  # after the init: each magnitude from its layer's weights
 
     def _init_weights(self, module):
         # only W, b and embeddings: lora_A keeps its Kaiming init and lora_B its zeros
@@ -322,6 +329,9 @@ class GPT(nn.Module):
             for k in expected:
                 assert sd_hf[k].shape == sd[k].shape, f"{k}: checkpoint {tuple(sd_hf[k].shape)}, model {tuple(sd[k].shape)}"
                 sd[k].copy_(sd_hf[k])
+        for m in model.modules():
+            if isinstance(m, DoRALinear):
+                m.reset_magnitude()  # m from the pretrained weights
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lora_plus_ratio=1.0):

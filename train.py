@@ -32,8 +32,8 @@ from configurator import ConfigError, Settings, check, configure, one_of, run_cl
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
 from distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
                          stops_deferred, wrap)
-from lora import evaluating, mark_only_lora_as_trainable, parameter_summary
-from model import GPT, LORA_SCALINGS, LORA_TARGETS, OVERRIDABLE, GPTConfig, target_positions
+from lora import evaluating, mark_only_lora_as_trainable, parameter_summary, pissa_init
+from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
 from runlog import RunLog, duration, method, read_logs
 
 # The settings below are defaults only: a config file and --key=value flags override them (with
@@ -70,6 +70,8 @@ lora_dropout = 0.05
 lora_targets = 'attn'  # attn: c_attn and the attention's c_proj (the handout's); qv: the query and value only (the LoRA paper's); attn_mlp: attn and the MLP
 lora_scaling = 'standard'  # standard: the update is scaled by alpha / r; rslora: alpha / sqrt(r) (rank-stabilised LoRA)
 lora_plus_ratio = 1.0  # LoRA+: every B learns at this multiple of the learning rate, A at the rate itself; 1: plain LoRA
+lora_variant = 'lora'  # lora: W + s B A; dora: DoRA, a learned magnitude per output feature times the direction of W + s B A
+lora_init = 'default'  # default: A Kaiming-uniform, B zero; pissa: PiSSA, A and B from W's top r singular vectors (W keeps the rest); pissa_niter_N: the same from a randomised SVD with N iterations
 dropout = 0.0
 n_layer = 12  # these three only for init_from='scratch'
 n_head = 12
@@ -106,6 +108,19 @@ def check_settings(c):
         one_of('lora_targets', c.lora_targets, LORA_TARGETS),
         one_of('lora_scaling', c.lora_scaling, LORA_SCALINGS),
         (c.lora_plus_ratio <= 0, f"lora_plus_ratio must be > 0 (1 is plain LoRA), not {c.lora_plus_ratio}"),
+        one_of('lora_variant', c.lora_variant, LORA_VARIANTS),
+        (pissa_iterations(c.lora_init) is False,
+         f"lora_init must be default, pissa or pissa_niter_N (N >= 1), not {c.lora_init!r}"),
+        *[(c.lora_rank == 0 and c.init_from != 'resume' and not is_default, f"{name}={c[name]} changes LoRA's update: it "
+           f"needs lora_rank > 0 (0 is full fine-tuning)") for name, is_default in (
+              ('lora_variant', c.lora_variant == 'lora'), ('lora_init', c.lora_init == 'default'))],
+        (c.lora_targets == 'qv' and (c.lora_variant != 'lora' or c.lora_init != 'default'),
+         "DoRA and PiSSA adapt whole weights, not qv's slices of c_attn: use lora_targets attn or attn_mlp"),
+        (c.lora_variant == 'dora' and c.lora_init != 'default', "DoRA with PiSSA's start is not supported: pick one"),
+        (c.lora_variant == 'dora' and c.fsdp, "DoRA with fsdp=True is not supported (its norm needs the whole weight "
+                                              "of each layer): drop --fsdp, or use DDP"),
+        (c.lora_init != 'default' and c.init_from == 'scratch', "PiSSA starts from a pretrained model's weights, not "
+                                                                "init_from='scratch'"),
         (not 0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
         (c.bucket < 0, f"bucket must be >= 0 (0 turns length bucketing off), not {c.bucket}"),
@@ -164,6 +179,14 @@ def resolved(c, base_model):
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
     return c.frozen()
+
+
+def pissa_iterations(lora_init):
+    """None for the exact SVD (pissa) or for default, N for pissa_niter_N; False for anything else."""
+    if lora_init in ('default', 'pissa'):
+        return None
+    n = lora_init.removeprefix('pissa_niter_')
+    return int(n) if lora_init.startswith('pissa_niter_') and n.isdigit() and int(n) >= 1 else False
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -434,8 +457,13 @@ def run(c, ckpt, rt):
     # the data set first: a bad one fails fast; whatever cannot be downloaded is reported at once
     data, (raw_model, base_model), enc = fetch_inputs(partial(as_config_error, load_splits, c.dataset),
                                                       partial(build_model, c, ckpt), gpt2_encoding)
+    # the base's fingerprint before PiSSA moves part of W into the adapter; a resumed run's from its checkpoint
+    fingerprint = (ckpt or {}).get('base_fingerprint') or (base_fingerprint(raw_model) if c.checkpoint == 'adapter'
+                                                           else None)
+    if ckpt is None and c.lora_init != 'default':
+        pissa_init(raw_model, pissa_iterations(c.lora_init))
     trainable, total, pct = parameter_summary(raw_model)
-    progress = Progress(base_model, base_fingerprint(raw_model) if c.checkpoint == 'adapter' else None, ckpt)
+    progress = Progress(base_model, fingerprint, ckpt)
     if rt.master:
         print(f"{method(c)}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
         print(f"base {base_model}; {len(data['train']):,} train and {len(data['validation']):,} validation reviews; "
