@@ -36,6 +36,7 @@ class RunLog:
         self.c, self.progress = c, progress
         self.metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
         self.steps_path = os.path.join(c.out_dir, 'steps.jsonl')
+        self.info = info
         write_json(info, os.path.join(c.out_dir, 'run.json'))
         # a new run starts new files; a resumed one keeps its past up to its checkpoint
         self.evals, self.steps = logs
@@ -75,6 +76,14 @@ class RunLog:
         save_figure(loss_figure(self.steps, self.evals, run_title(self.c)), os.path.join(self.c.out_dir, 'loss_curve.png'))
 
     def close(self):
+        """run.json gains the run's peak memory: the GPU's allocations on CUDA, else the process's resident size."""
+        import resource
+        import torch
+        cuda = str(self.info.get('device', '')).startswith('cuda')
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux counts kB
+        write_json(dict(self.info, peak_memory_mb=round(peak, 1), peak_memory_of='cuda allocated' if cuda else
+                        'process resident set'), os.path.join(self.c.out_dir, 'run.json'))
         if self.wandb:
             self.wandb.finish()
             self.wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh

@@ -44,6 +44,7 @@ ranks = '16,128,196'  # LoRA ranks, comma-separated; '' for none
 alpha_per_rank = 4.0  # lora_alpha = alpha_per_rank * rank
 fixed_alpha = 0.0  # one lora_alpha for every rank instead (as rsLoRA intends); 0: alpha_per_rank * rank
 targets = 'attn'  # LoRA targets to compare, comma-separated: attn, qv, attn_mlp (train.py's lora_targets)
+variants = 'lora'  # LoRA variants to compare, comma-separated: lora, dora (DoRA), pissa (PiSSA's start)
 scalings = 'standard'  # LoRA scaling rules to compare: standard (alpha / r), rslora (alpha / sqrt(r))
 lora_plus_ratios = '1'  # LoRA+ ratios to compare (B's learning rate over A's); 1: plain LoRA
 templates = 'instruct'  # prompt templates to compare: names (instruct, bare, question, choices), or one text with {review}
@@ -66,6 +67,7 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 DEFAULT_SEED = 1337  # train.py's: runs with it need no --seed and no suffix
+VARIANTS = {'lora': ('LoRA', ''), 'dora': ('DoRA', '--lora_variant=dora'), 'pissa': ('PiSSA', '--lora_init=pissa')}
 
 
 def int_list(text, name):
@@ -85,10 +87,13 @@ def float_list(text):
 def lora_variants(c):
     """(name, method, rank, alpha, extra train.py flags) of every LoRA run of the grid, one seed."""
     out = []
-    for r, target, scaling, ratio in itertools.product(int_list(c.ranks, 'ranks'), c.targets.split(','),
-                                                       c.scalings.split(','), float_list(c.lora_plus_ratios)):
+    for variant, r, target, scaling, ratio in itertools.product(
+            c.variants.split(','), int_list(c.ranks, 'ranks'), c.targets.split(','), c.scalings.split(','),
+            float_list(c.lora_plus_ratios)):
         alpha = c.fixed_alpha or c.alpha_per_rank * r
         name, what, flags = f'lora-r{r}' + (f'-a{alpha:g}' if c.fixed_alpha else ''), [], [f'--lora_alpha={alpha:g}']
+        if variant != 'lora':
+            name, what, flags = f'{name}-{variant}', what + [VARIANTS[variant][0]], flags + [VARIANTS[variant][1]]
         if target != 'attn':
             name, what, flags = f'{name}-{target}', what + [target], flags + [f'--lora_targets={target}']
         if scaling != 'standard':
@@ -283,7 +288,8 @@ def run_one(run, c):
                unparseable=results.get('unparseable'), trainable=info.get('trainable_params', None if trains else 0),
                trainable_pct=info.get('trainable_pct', None if trains else 0.0),
                best_val_loss=min((m['val_loss'] for m in metrics), default=None),
-               train_s=metrics[-1]['elapsed_s'] if metrics else None, metrics=metrics)
+               train_s=metrics[-1]['elapsed_s'] if metrics else None, metrics=metrics,
+               step_ms=median_step_ms(run_dir), peak_memory_mb=info.get('peak_memory_mb'))
     return row
 
 
@@ -302,6 +308,12 @@ def slim_or_remove(ckpt, keep, run_dir):
         state.pop('optimizer')
         state.pop('scaler', None)
         save_atomic(state, ckpt)
+
+
+def median_step_ms(run_dir):
+    """The median of a run's logged step times (the first, which compiles and warms up, left out)."""
+    steps = [r['step_ms'] for r in read_jsonl(os.path.join(run_dir, 'steps.jsonl'))[0][1:] if 'step_ms' in r]
+    return statistics.median(steps) if steps else None
 
 
 def fmt(value, spec, missing='-'):
@@ -325,13 +337,17 @@ def summary_lines(rows):
         return []
     lines = ["", "## Mean over seeds", "",
              "Mean ± sample standard deviation, and the range (min-max), over the seeds of each method.", "",
-             "| method | r | alpha | lr | seeds | test accuracy (%) | best val loss |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "Step ms: the median logged step; peak MB: run.json's peak memory; both the mean over the seeds.", "",
+             "| method | r | alpha | lr | seeds | test accuracy (%) | best val loss | trainable | step ms | peak MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
         r = g[0]
+        mean = {k: statistics.mean(v) if v else None for k in ('step_ms', 'peak_memory_mb')
+                for v in [[x[k] for x in g if x.get(k) is not None]]}
         lines.append(f"| {name} | {fmt(r['rank'], 'd')} | {fmt(r['alpha'], 'g')} | {r['lr']:g} | "
                      f"{', '.join(str(x['seed']) for x in g)} | {spread([x['accuracy'] for x in g], '.1f', 100)} | "
-                     f"{spread([x['best_val_loss'] for x in g if x['best_val_loss'] is not None], '.4f')} |")
+                     f"{spread([x['best_val_loss'] for x in g if x['best_val_loss'] is not None], '.4f')} | "
+                     f"{fmt(r['trainable'], ',')} | {fmt(mean['step_ms'], '.0f')} | {fmt(mean['peak_memory_mb'], '.0f')} |")
     return lines
 
 
@@ -405,6 +421,7 @@ def main(argv):
            (min(int_list(c.ranks, 'ranks'), default=1) < 1,
             f"ranks must be >= 1, not {c.ranks!r} (full fine-tuning is --full_finetune=True)"),
            *[one_of('each of targets', t, LORA_TARGETS) for t in c.targets.split(',')],
+           *[one_of('each of variants', v, VARIANTS) for v in c.variants.split(',')],
            *[one_of('each of scalings', s, LORA_SCALINGS) for s in c.scalings.split(',')],
            (not prompt_choices(c), "templates and label_words must each name at least one choice"),
            *[rule for choice in prompt_choices(c) for rule in prompt_errors(*choice)],

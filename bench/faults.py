@@ -88,8 +88,9 @@ class Env:
             p = subprocess.run([sys.executable, script, *args], cwd=self.repo, capture_output=True, text=True,
                                timeout=timeout, preexec_fn=limit if limit_bytes else None,
                                env=dict(os.environ, HOME=home) if home else None)
-        except subprocess.TimeoutExpired as e:
-            return Result(command, "timeout", e.stdout or "", e.stderr or "")
+        except subprocess.TimeoutExpired as e:  # its output comes as bytes, whatever text= said
+            text = [t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in (e.stdout, e.stderr)]
+            return Result(command, "timeout", *text)
         return Result(command, p.returncode, p.stdout, p.stderr)
 
     def start(self, script, *args, wait_for="iter 2:"):

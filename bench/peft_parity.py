@@ -3,9 +3,16 @@ Parity with Hugging Face PEFT: LoRA trained by this repository's train.py agains
 on the same model, data, batches, prompt, rank, alpha, initial A, steps, optimizer and learning-rate
 schedule (no dropout, so no masks to share). The validation loss is compared at every evaluation
 and the test accuracy at the end, both scored on the same prompts with the same matching rule.
+--variant=dora compares DoRA (PEFT's use_dora=True), --variant=pissa PiSSA (init_lora_weights="pissa").
 
     python bench/peft_parity.py --init_from=../shared/models/gpt2-imdb-12x256 \
-        --dataset=../shared/data/rotten_tomatoes --lora_rank=16 --device=cpu
+        --dataset=../shared/data/rotten_tomatoes --lora_rank=16 --device=cpu [--variant=dora]
+
+Where the two draw differently, the run makes them start alike: PEFT draws each A with its own
+random calls (train.py draws W, b, W, b, A per layer, the starter's order), so PEFT's A are set to
+train.py's; DoRA's magnitudes (the norms of W's rows, computed by both) and PiSSA's A, B and residual
+W (an SVD, no random draws) are copied too, after the largest difference between the two starts is
+measured and reported.
 
 Needs `peft` (requirements-dev.txt). Adds the run to out_dir/peft_parity.json, or to --results=FILE
 (docs/ quotes bench/peft_parity.json), replacing a run with the same settings, and prints it.
@@ -28,8 +35,9 @@ sys.path.insert(0, ROOT)
 
 from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from common import get_lr, write_json  # noqa: E402
-from configurator import Settings, configure, run_cli, settings_of  # noqa: E402
+from configurator import ConfigError, Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
+from lora import pissa_init  # noqa: E402
 from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -38,6 +46,7 @@ dataset = 'cornell-movie-review-data/rotten_tomatoes'
 out_dir = 'out-peft-parity'  # train.py's run
 lora_rank = 16
 lora_alpha = 0.0  # 0: 4 x lora_rank, as sweep.py
+variant = 'lora'  # lora, dora (DoRA) or pissa (PiSSA's start)
 learning_rate = 5e-4
 max_iters = 400
 batch_size = 16
@@ -53,13 +62,14 @@ results = ''  # the JSON file the run is added to; '': out_dir/peft_parity.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 MAX_NEW_TOKENS = 5  # generate.py's default
+VARIANT = {'lora': [], 'dora': ['--lora_variant=dora'], 'pissa': ['--lora_init=pissa']}  # train.py's flags
 
 
 def run_ours(c):
     """train.py and generate.py as a user runs them: (validation losses by iteration, accuracy, train seconds)."""
     common = [f'--dataset={c.dataset}', f'--out_dir={c.out_dir}', f'--device={c.device}']
     t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--init_from={c.init_from}', *common,
+    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f'--init_from={c.init_from}', *common, *VARIANT[c.variant],
                     '--overwrite=True', f'--lora_rank={c.lora_rank}', f'--lora_alpha={c.lora_alpha}', '--lora_dropout=0.0',
                     f'--learning_rate={c.learning_rate}', f'--max_iters={c.max_iters}', f'--batch_size={c.batch_size}',
                     f'--warmup_iters={c.warmup_iters}', f'--loss_on={c.loss_on}', f'--eval_interval={c.eval_interval}',
@@ -74,13 +84,24 @@ def run_ours(c):
 
 
 def peft_model(c):
-    """transformers' GPT-2 with PEFT LoRA on the attention c_attn and c_proj, starting from train.py's A."""
+    """transformers' GPT-2 with PEFT's LoRA (DoRA, PiSSA) on the attention c_attn and c_proj, started as train.py
+    starts; and the largest difference between the two starts before they were made the same (0 for LoRA's A,
+    which PEFT draws otherwise)."""
     base = GPT2LMHeadModel.from_pretrained(c.init_from, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # as train.py
     model = get_peft_model(base, LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0,
-                                            fan_in_fan_out=True, target_modules=peft_target_modules('attn'), bias="none"))
+                                            fan_in_fan_out=True, target_modules=peft_target_modules('attn'), bias="none",
+                                            use_dora=c.variant == 'dora',
+                                            init_lora_weights='pissa' if c.variant == 'pissa' else True))
     torch.manual_seed(c.seed)  # train.py seeds, then builds the model: the same A matrices
-    copy_lora_into_peft(GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)), model)
-    return model.to(c.device)
+    ours = GPT.from_pretrained(c.init_from, dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                                                 lora_variant='dora' if c.variant == 'dora' else 'lora'))
+    if c.variant == 'pissa':
+        pissa_init(ours)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    copy_lora_into_peft(ours, model)
+    changed = [k for k in before if c.variant == 'pissa' or 'lora_A' not in k]  # PEFT draws its own A
+    start_difference = max((before[k] - p).abs().max().item() for k, p in model.named_parameters() if k in changed)
+    return model.to(c.device), start_difference
 
 
 @torch.no_grad()
@@ -149,19 +170,21 @@ def save(result, path):
             runs = json.load(f)['runs']
     except (OSError, ValueError, KeyError, TypeError):
         runs = []
-    same = {k: result['settings'][k] for k in ('init_from', 'dataset', 'lora_rank', 'lora_alpha', 'learning_rate',
-                                               'max_iters', 'batch_size', 'num_samples', 'seed')}
+    same = {k: result['settings'].get(k, 'lora') for k in ('init_from', 'dataset', 'lora_rank', 'lora_alpha', 'learning_rate',
+                                                           'max_iters', 'batch_size', 'num_samples', 'seed', 'variant')}
     runs = [r for r in runs if {k: r['settings'].get(k) for k in same} != same] + [result]
     write_json({'runs': runs}, path)
 
 
 def main(argv):
     c = configure(DEFAULTS, argv)
+    if c.variant not in VARIANT:
+        raise ConfigError(f"variant must be one of {', '.join(VARIANT)}, not {c.variant!r}")
     c.lora_alpha = c.lora_alpha or 4.0 * c.lora_rank
     ours_val, ours_acc, ours_s = run_ours(c)
     enc = tiktoken.get_encoding('gpt2')
     data = load_splits(c.dataset)
-    model = peft_model(c)
+    model, start_difference = peft_model(c)
     loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=model.config.n_positions, loss_on=c.loss_on,
                   seed=c.seed)  # train.py's: the same batches in the same order
     loaders = CustomDataLoader(data['train'], **loader), CustomDataLoader(data['validation'], **loader)
@@ -172,7 +195,7 @@ def main(argv):
     rel = {it: abs(ours_val[it] - peft_val[it]) / peft_val[it] for it in peft_val}
     result = dict(ours_accuracy=ours_acc, peft_accuracy=peft_acc, difference_points=round(100 * (ours_acc - peft_acc), 2),
                   val_loss=[dict(iter=it, ours=ours_val[it], peft=peft_val[it]) for it in sorted(peft_val)],
-                  max_relative_val_loss_difference=max(rel.values()),
+                  max_relative_val_loss_difference=max(rel.values()), start_difference=start_difference,
                   ours_train_s=round(ours_s, 1), peft_train_s=round(peft_s, 1), settings=dict(c))
     print(json.dumps(result, indent=2))
     save(result, c.results or os.path.join(c.out_dir, 'peft_parity.json'))
