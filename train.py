@@ -288,7 +288,9 @@ def estimate_loss(model, loaders, c, rt):
                 positions = label_positions(y, c, rt.device)
                 with rt.ctx:
                     _, loss = model(x.to(rt.device), y.to(rt.device), positions=positions)
-                sums += torch.stack([loss.float() * len(positions[1]), torch.tensor(float(len(positions[1])))])
+                n = len(positions[1])
+                sums[0] += loss.float() * n
+                sums[1] += n
             loss_sum, count = all_reduce(sums, rt).tolist()
             out[split] = loss_sum / count
     return out

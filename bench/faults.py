@@ -756,7 +756,7 @@ def _(e, w):
     os.makedirs(os.path.join(w, "run"))
     torch.save({"model": {}, "model_args": {}, "x": object()}, os.path.join(w, "run", "ckpt.pt"))
     r = e.cli("generate.py", f"--out_dir={os.path.join(w, 'run')}", "--device=cpu")
-    return r, refused(r) and "weights_only" not in r.out + r.err
+    return r, refused(r) and not any(advice in r.out + r.err for advice in ("weights_only", "can still be loaded"))
 
 
 @case("results", "a second generate.py keeps the first's results in results_history.jsonl and says so")
