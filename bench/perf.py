@@ -316,6 +316,19 @@ def row(*cells):
     return '| ' + ' | '.join(cells) + ' |'
 
 
+def memory_breakdown(memory):
+    """The table of where each memory run's peak goes."""
+    lines = ["", "Where the peak memory goes (GiB; activations: what autograd keeps for backward in one forward; "
+             "the rest: transient buffers and allocator slack):", "",
+             row('run', 'peak', 'process before the model', 'weights', 'gradients + AdamW', 'activations', 'rest'),
+             row(*['---'] * 7)]
+    for name in MEMORY_RUNS:
+        r = memory[name]
+        parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
+        lines.append(row(name, *(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts, r['peak_bytes'] - sum(parts)))))
+    return lines
+
+
 def write_results(res, c, argv, dev):
     cmd = ' '.join(['python', 'bench/perf.py', *argv])
     lines = ["# Benchmarks: this repository against transformers + PEFT", "",
@@ -369,14 +382,7 @@ def write_results(res, c, argv, dev):
         lines.append(row("training step (fwd+bwd), bfloat16 autocast vs float32", f"{r['bfloat16_s'] * 1000:.0f} ms",
                          f"{r['float32_s'] * 1000:.0f} ms", f"{r['speedup']:.2f}x faster", "pays off"))
     if 'memory' in res:
-        lines += ["", "Where the peak memory goes (GiB; activations: what autograd keeps for backward in one forward; "
-                  "the rest: transient buffers and allocator slack):", "",
-                  row('run', 'peak', 'process before the model', 'weights', 'gradients + AdamW', 'activations', 'rest'),
-                  row(*['---'] * 7)]
-        for name in MEMORY_RUNS:
-            r = res['memory'][name]
-            parts = [r[k] for k in ('baseline_bytes', 'weight_bytes', 'grad_and_adam_bytes', 'saved_activation_bytes')]
-            lines.append(row(name, *(f"{v / 2**30:.2f}" for v in (r['peak_bytes'], *parts, r['peak_bytes'] - sum(parts)))))
+        lines += memory_breakdown(res['memory'])
     os.makedirs(c.out_dir, exist_ok=True)
     save_atomic(('\n'.join(lines) + '\n').encode(), os.path.join(c.out_dir, 'results.md'))
     write_json(dict(command=cmd, device=dev, results=res), os.path.join(c.out_dir, 'results.json'))
