@@ -333,6 +333,15 @@ def pissa_init(model, niter=None):
     return model
 
 
+def pissa_iterations(lora_init):
+    """lora_init's randomised-SVD iterations: None for the exact SVD (pissa) or for default, N for
+    pissa_niter_N; False for anything else."""
+    if lora_init in ("default", "pissa"):
+        return None
+    n = lora_init.removeprefix("pissa_niter_")
+    return int(n) if lora_init.startswith("pissa_niter_") and n.isdigit() and int(n) >= 1 else False
+
+
 def is_lora_param(name, *kinds):
     """Whether a state-dict name is an adapter's: lora_A or lora_B, DoRA's lora_magnitude, PiSSA's initial
     lora_A0 and lora_B0; or only the kinds given."""

@@ -89,6 +89,20 @@ class RunLog:
             self.wandb.teardown()  # a later run in this process (tests, notebooks) starts afresh
 
 
+def setup_lines(c, defaults, base_model, data, rt):
+    """What a run starts from, in a few lines: base, data, device, the settings changed, a warmup that
+    takes most of the run."""
+    changed = [f"{k}={c[k]}" for k in defaults if c[k] != defaults[k] and k not in ('init_from', 'out_dir', 'checkpoint')]
+    lines = [f"base {base_model}; {len(data['train']):,} train and {len(data['validation']):,} validation reviews; "
+             f"{rt.device}, {rt.dtype}" + (f", {rt.world} processes" if rt.world > 1 else ""),
+             f"settings changed from the defaults: {', '.join(changed) or 'none'}"]
+    if c.decay_lr and c.warmup_iters > c.max_iters / 2 and not c.eval_only:
+        lines.append(f"note: warmup_iters={c.warmup_iters} is most of max_iters={c.max_iters}: the learning rate "
+                     + ("never reaches" if c.warmup_iters >= c.max_iters else "barely reaches")
+                     + f" {c.learning_rate:g}; use --warmup_iters={max(1, c.max_iters // 10)} for a short run")
+    return "\n".join(lines)
+
+
 def duration(seconds):
     """'45s', '3m20s', '2h05m': a time to plan with."""
     s = round(seconds)

@@ -32,9 +32,9 @@ from configurator import ConfigError, Settings, check, configure, one_of, run_cl
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
 from distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
                          stops_deferred, wrap)
-from lora import evaluating, mark_only_lora_as_trainable, parameter_summary, pissa_init
+from lora import evaluating, mark_only_lora_as_trainable, parameter_summary, pissa_init, pissa_iterations
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
-from runlog import RunLog, duration, method, read_logs
+from runlog import RunLog, duration, method, read_logs, setup_lines
 
 # The settings below are defaults only: a config file and --key=value flags override them (with
 # init_from=resume, the run's own settings do), and the run reads the result as c.<name>.
@@ -179,14 +179,6 @@ def resolved(c, base_model):
     if c.checkpoint == 'auto':
         c.checkpoint = 'adapter' if c.lora_rank > 0 and base_model != 'scratch' else 'full'
     return c.frozen()
-
-
-def pissa_iterations(lora_init):
-    """None for the exact SVD (pissa) or for default, N for pissa_niter_N; False for anything else."""
-    if lora_init in ('default', 'pissa'):
-        return None
-    n = lora_init.removeprefix('pissa_niter_')
-    return int(n) if lora_init.startswith('pissa_niter_') and n.isdigit() and int(n) >= 1 else False
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -468,14 +460,7 @@ def run(c, ckpt, rt):
     progress = Progress(base_model, fingerprint, ckpt)
     if rt.master:
         print(f"{method(c)}: {trainable:,} trainable parameters of {total:,} ({pct:.2f}%)")
-        print(f"base {base_model}; {len(data['train']):,} train and {len(data['validation']):,} validation reviews; "
-              f"{rt.device}, {rt.dtype}" + (f", {rt.world} processes" if rt.world > 1 else ""))
-        changed = [f"{k}={c[k]}" for k in DEFAULTS if c[k] != DEFAULTS[k] and k not in ('init_from', 'out_dir', 'checkpoint')]
-        print(f"settings changed from the defaults: {', '.join(changed) or 'none'}")
-        if c.decay_lr and c.warmup_iters > c.max_iters / 2 and not c.eval_only:
-            print(f"note: warmup_iters={c.warmup_iters} is most of max_iters={c.max_iters}: the learning rate "
-                  + ("never reaches" if c.warmup_iters >= c.max_iters else "barely reaches")
-                  + f" {c.learning_rate:g}; use --warmup_iters={max(1, c.max_iters // 10)} for a short run")
+        print(setup_lines(c, DEFAULTS, base_model, data, rt))
         if ckpt is not None:
             print(f"resuming {ckpt_path(c.out_dir)} at iteration {progress.iter_num} "
                   f"(base model {base_model}, lora_rank={c.lora_rank})")

@@ -29,6 +29,7 @@ def test_run_all_works_after_setting_only_the_way_in(tiny_ckpt, reviews, tmp_pat
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert f"working in {tmp_path}" in outputs
     assert "P(negative)" in outputs and "Accuracy:" in outputs and "Sentiment:" in outputs
+    assert "x no LoRA (" in outputs  # question 2.1's ratios come with their spread
     for path in ("gpt-lora-default/loss_curve.png", "gpt2-medium-4-shot/results.json", "sweep/results.md",
                  "gpt-lora-default/hf/model.safetensors", "gpt-lora-default/peft/adapter_config.json"):
         assert (tmp_path / path).is_file(), path

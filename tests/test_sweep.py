@@ -19,6 +19,8 @@ def smoke(tiny_ckpt, reviews, out_dir, *extra):
 
 def test_smoke_grid(tiny_ckpt, reviews, tmp_path, capsys):
     rows = smoke(tiny_ckpt, reviews, tmp_path)
+    shown = capsys.readouterr().out  # each run's progress as it comes, not only in its log.txt
+    assert "  step 2: train loss" in shown and "  Accuracy: " in shown and "  iter 1: loss" in shown
     assert [r["name"] for r in rows] == ["zero-shot", "few-shot-2", "lora-r4", "full"]
     assert all(r["error"] is None and r["accuracy"] is not None for r in rows), [r["error"] for r in rows]
     table = (tmp_path / "results.md").read_text()

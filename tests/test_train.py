@@ -231,3 +231,27 @@ def test_lora_plus_gives_every_B_its_multiple_of_the_learning_rate(tiny_ckpt, re
     shapes = {g["lr"]: sorted(tuple(optimizer["state"][i]["exp_avg"].shape) for i in g["params"])
               for g in optimizer["param_groups"]}
     assert shapes == {3e-2: [(4, 32)] * 4, 16 * 3e-2: [(32, 4), (32, 4), (96, 4), (96, 4)]}
+
+
+def test_a_run_says_where_it_starts_how_far_it_is_and_what_it_wrote(tiny_ckpt, reviews, tmp_path, capsys):
+    train.main([f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path}", "--batch_size=4",
+                "--max_iters=7", "--eval_interval=7", "--eval_iters=1", "--log_interval=3", "--rank=4", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert f"base {tiny_ckpt}; 48 train and 16 validation reviews; cpu, float32" in out
+    changed = next(line for line in out.splitlines() if line.startswith("settings changed from the defaults: "))
+    assert {"eval_interval=7", "eval_iters=1", "log_interval=3", "batch_size=4", "lora_rank=4", "max_iters=7",
+            "device=cpu"} <= set(changed.split(": ", 1)[1].split(", "))
+    # the default warmup of 20 iterations is the whole of a 7-iteration run
+    assert "note: warmup_iters=20 is most of max_iters=7: the learning rate never reaches 0.0005" in out
+    steps = [line for line in out.splitlines() if line.startswith("iter ")]
+    assert [line.split(":")[0] for line in steps] == ["iter 0", "iter 3", "iter 6"]  # the last step too
+    assert all(" left" in line for line in steps) and steps[-1].endswith("7/7 0s left")
+    assert out.rstrip().splitlines()[-1].startswith(f"wrote ckpt.pt, metrics.jsonl, steps.jsonl, run.json, "
+                                                     f"loss_curve.png in {tmp_path} (")
+    assert json.load(open(tmp_path / "run.json"))["peak_memory_mb"] > 0
+    # resuming a run saved with a W&B name, and logging off: no warning, the name is the run's own
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["config"]["wandb_run_name"] = "mine"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=8", "--wandb_log=False"])
+    assert "warning" not in capsys.readouterr().out
