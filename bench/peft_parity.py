@@ -163,6 +163,24 @@ def peft_accuracy(model, c, enc):
     return correct / len(recs)
 
 
+@torch.no_grad()
+def export_check(out_dir, seed=0):
+    """train.py's run exported with export.py to PEFT and to transformers, each loaded there: the largest logit
+    difference from this repository's model on 4 x 64 random tokens, for each."""
+    from peft import PeftModel
+    from checkpoint import load_checkpoint
+    for fmt in ('peft', 'hf'):
+        subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), f'--out_dir={out_dir}', f'--format={fmt}',
+                        '--overwrite=True'], check=True, stdout=subprocess.DEVNULL)
+    ours, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    idx = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(seed))
+    expected = ours.eval()(idx, idx)[0]
+    peft = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(ckpt['base_model']), os.path.join(out_dir, 'peft'))
+    merged = GPT2LMHeadModel.from_pretrained(os.path.join(out_dir, 'hf'))
+    return {f'export_{name}_max_logit_difference': (m.eval()(input_ids=idx).logits - expected).abs().max().item()
+            for name, m in (('peft', peft), ('hf', merged))}
+
+
 def save(result, path):
     """Add result to the runs in path, replacing one with the same settings."""
     try:
@@ -196,7 +214,8 @@ def main(argv):
     result = dict(ours_accuracy=ours_acc, peft_accuracy=peft_acc, difference_points=round(100 * (ours_acc - peft_acc), 2),
                   val_loss=[dict(iter=it, ours=ours_val[it], peft=peft_val[it]) for it in sorted(peft_val)],
                   max_relative_val_loss_difference=max(rel.values()), start_difference=start_difference,
-                  ours_train_s=round(ours_s, 1), peft_train_s=round(peft_s, 1), settings=dict(c))
+                  ours_train_s=round(ours_s, 1), peft_train_s=round(peft_s, 1), **export_check(c.out_dir),
+                  settings=dict(c))
     print(json.dumps(result, indent=2))
     save(result, c.results or os.path.join(c.out_dir, 'peft_parity.json'))
     return result
