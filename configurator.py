@@ -7,9 +7,11 @@ Settings from config files and key=value flags, after nanoGPT's configurator.
 A script's settings are the module-level names between its two `# ---` lines, each with a comment.
 A positional argument is a config file: Python, executed as nanoGPT does (so only run config files
 you trust); every top-level name it sets must be a known setting. Then `--key=value` (or `key=value`,
-or `--key-with-dashes=value`) overrides one setting. Values are read with ast.literal_eval (never
-eval) and must have the type of the default: an int is accepted for a float, and a value that is
-not a Python literal is taken as a string where the setting is a string.
+or `--key-with-dashes=value`) overrides one setting. A text setting takes the value as it is written
+(quotes around it removed); other values are read with ast.literal_eval (never eval) and must have
+the type of the default, from a flag or a config file: an int is accepted for a float, never None, a
+callable or an integer beyond 64 bits. A leading ~ in a setting that names a file or folder is the
+home folder.
 """
 
 import ast
