@@ -25,7 +25,7 @@ import re
 import datasets
 import torch
 
-from common import Unreachable, hub_offline, not_a_hub_id
+from lorakit.common import Unreachable, hub_offline, not_a_hub_id
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()

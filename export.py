@@ -28,11 +28,11 @@ from dataclasses import asdict
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save
 
-from checkpoint import load_checkpoint
-from common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
+from lorakit.checkpoint import load_checkpoint
+from lorakit.common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
-from hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules, peft_tensors
-from lora import LoRALinear, is_lora_param, lora_state_dict
+from lorakit.hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules, peft_tensors
+from lorakit.adapters import is_lora_param, lora_layers, lora_state_dict, merge_lora
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -51,12 +51,12 @@ WRITES = {'hf': ("config.json", "model.safetensors") + TOKENIZER_FILES,
 
 
 def hf_state_dict(model):
-    """The weights with the LoRA update merged, under transformers' GPT-2 names, Conv1D weights as (in, out)."""
-    state = model.state_dict()  # W un-merged, whatever the model's mode (see lora.py)
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and module.is_lora():
-            w = state[f"{name}.weight"]
-            state[f"{name}.weight"] = (w.float() + module.delta_weight()).to(w.dtype)
+    """The weights with the LoRA update merged (each LoRA layer's own eval()), under transformers' GPT-2 names,
+    Conv1D weights as (in, out). The model is left merged, in eval mode."""
+    merge_lora(model.eval())
+    state = model.state_dict()
+    for name, layer in lora_layers(model):
+        state[f"{name}.weight"] = layer.weight.detach()  # its state_dict may give the un-merged W
     return {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous() for k, v in state.items()
             if not is_lora_param(k) and k != "lm_head.weight"}  # lm_head is tied to wte
 

@@ -31,12 +31,13 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
-from common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir,
+from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
+from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir,
                     pick_device, pick_dtype, read_json, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
 from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad, load_splits,
                         prompt_errors, stratified_subset)
+from lorakit.adapters import merge_lora
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -145,8 +146,8 @@ class ModelSampler:
         self.prompt = pick_prompt(c, trained)
         self.label_ids = [self.enc.encode_ordinary(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
         self._check_lengths(model.config.block_size)
-        # eval() merges LoRA into W, so inference costs what the model without LoRA costs
-        self.model = model.to(self.device).eval().use_fast_gelu(self.device == 'cpu')
+        # each LoRA layer's eval() merges its update into W: inference costs what the model without LoRA costs
+        self.model = merge_lora(model.to(self.device).eval()).use_fast_gelu(self.device == 'cpu')
         if not own:
             self.split_size = len(data[c.split])
             self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)

@@ -29,8 +29,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lora import (DoRALinear, LoRALinear, LoRASlicedLinear, is_lora_param, mark_only_lora_as_trainable,
-                  parameter_summary, use_dora)
+from lora import LoRALinear, mark_only_lora_as_trainable
+from lorakit.adapters import apply_lora_settings, is_lora_param, parameter_summary
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -40,16 +40,11 @@ PRETRAINED_SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 OVERRIDABLE = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_scaling", "lora_variant")
-# where LoRA goes, by lora_targets: the handout's attention projections; the LoRA paper's query and
-# value only (slices of the fused c_attn, "c_attn[q,v]"); or the attention and the MLP
-LORA_LAYERS = {
-    "attn": ("attn.c_attn", "attn.c_proj"),
-    "qv": ("attn.c_attn[q,v]",),
-    "attn_mlp": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-}
-LORA_TARGETS = tuple(LORA_LAYERS)
+# where LoRA goes: the handout's attention projections c_attn and c_proj; the LoRA paper's query and
+# value only (slices of the fused c_attn); or the attention and the MLP (lorakit/adapters.py)
+LORA_TARGETS = ("attn", "qv", "attn_mlp")
 LORA_SCALINGS = ("standard", "rslora")
-LORA_VARIANTS = ("lora", "dora")  # the update: W + s B A, or DoRA's magnitude and direction (lora.py)
+LORA_VARIANTS = ("lora", "dora")  # the update: W + s B A, or DoRA's magnitude and direction (lorakit/variants.py)
 
 
 @dataclass
@@ -74,12 +69,6 @@ class GPTConfig:
         assert self.lora_variant in LORA_VARIANTS, f"lora_variant must be one of {LORA_VARIANTS}"
         assert not (self.lora_variant == "dora" and self.lora_targets == "qv"), "DoRA adapts whole weights, not qv's slices"
 
-    def lora(self, layer):
-        """LoRALinear's LoRA arguments for a layer (its name in LORA_LAYERS): rank 0 where LoRA does not go."""
-        on = self.lora_rank > 0 and layer in LORA_LAYERS[self.lora_targets]
-        return dict(lora_rank=self.lora_rank if on else 0, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                    rslora=self.lora_scaling == "rslora")
-
 
 class CausalSelfAttention(nn.Module):
 
@@ -87,16 +76,15 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # BEGIN SOLUTION model.py attention
-        # STUB: # TODO: make both projections LoRALinear layers with the config's LoRA settings.
-        # STUB: # Hint: config.lora("attn.c_attn") and config.lora("attn.c_proj") give their LoRA arguments.
+        # STUB: # TODO: make both projections LoRALinear layers (lora.py) of the same shapes, with the config's
+        # STUB: # lora_rank, lora_alpha and lora_dropout.
         # STUB: self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # STUB: self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, **config.lora("attn.c_attn"))
-        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, **config.lora("attn.c_proj"))
+        self.c_attn = LoRALinear(config.n_embd, 3 * config.n_embd, bias=config.bias, lora_rank=config.lora_rank,
+                                 lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+        self.c_proj = LoRALinear(config.n_embd, config.n_embd, bias=config.bias, lora_rank=config.lora_rank,
+                                 lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
         # END SOLUTION
-        if config.lora_targets == "qv":  # the query and value slices of c_attn, no update for the key
-            self.c_attn = LoRASlicedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias,
-                                           lora_slices=(True, False, True), **config.lora("attn.c_attn[q,v]"))
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -130,8 +118,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, bias=config.bias, **config.lora("mlp.c_fc"))
-        self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, bias=config.bias, **config.lora("mlp.c_proj"))
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = gelu  # GPT.use_fast_gelu() swaps it for inference on a CPU
 
@@ -206,8 +194,7 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.lora_variant == "dora":
-            use_dora(self)  # after the init: each magnitude from its layer's weights
+        apply_lora_settings(self, config)  # lora_targets, lora_scaling, lora_variant beyond the homework's
 
     def _init_weights(self, module):
         # only W, b and embeddings: lora_A keeps its Kaiming init and lora_B its zeros
@@ -312,7 +299,7 @@ class GPT(nn.Module):
         GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory.
         override_args may set dropout and the LoRA settings; the rest comes from the checkpoint.
         """
-        from hf_checkpoint import read_hf_checkpoint  # Hugging Face's libraries only when a checkpoint is read
+        from lorakit.hf_checkpoint import read_hf_checkpoint  # Hugging Face's libraries only when a checkpoint is read
         override_args = dict(override_args or {})
         unknown = sorted(set(override_args) - set(OVERRIDABLE))
         if unknown:
@@ -330,8 +317,8 @@ class GPT(nn.Module):
                 assert sd_hf[k].shape == sd[k].shape, f"{k}: checkpoint {tuple(sd_hf[k].shape)}, model {tuple(sd[k].shape)}"
                 sd[k].copy_(sd_hf[k])
         for m in model.modules():
-            if isinstance(m, DoRALinear):
-                m.reset_magnitude()  # m from the pretrained weights
+            if hasattr(m, "reset_magnitude"):
+                m.reset_magnitude()  # DoRA's m from the pretrained weights
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lora_plus_ratio=1.0):

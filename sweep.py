@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
+from lorakit.common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
 from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors, split_label_words
 from model import LORA_SCALINGS, LORA_TARGETS

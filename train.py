@@ -25,16 +25,18 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
+from lorakit.checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
                         read_checkpoint, resume_notes, save_checkpoint, saved_settings)
-from common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
+from lorakit.common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
 from configurator import ConfigError, Settings, check, configure, one_of, run_cli, settings_of
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
-from distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
+from lorakit.distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
                          stops_deferred, wrap)
-from lora import evaluating, mark_only_lora_as_trainable, parameter_summary, pissa_init, pissa_iterations
+from lora import mark_only_lora_as_trainable
+from lorakit.adapters import (VARIANTS_MISSING, evaluating, parameter_summary, pissa_iterations, train_adapter_extras,
+                             variants, variants_needed)
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
-from runlog import RunLog, duration, method, read_logs, setup_lines
+from lorakit.runlog import RunLog, duration, method, read_logs, setup_lines
 
 # The settings below are defaults only: a config file and --key=value flags override them (with
 # init_from=resume, the run's own settings do), and the run reads the result as c.<name>.
@@ -145,6 +147,7 @@ def check_settings(c):
         one_of('checkpoint', c.checkpoint, ('auto', 'full', 'adapter')),
         (c.checkpoint == "adapter" and (c.lora_rank == 0 or c.init_from == "scratch") and c.init_from != "resume",
          "checkpoint='adapter' needs LoRA (lora_rank > 0) on a pretrained model (not init_from='scratch')"),
+        (variants_needed(c.lora_targets, c.lora_variant, c.lora_init), VARIANTS_MISSING),
         (c.fsdp and 'RANK' not in os.environ, "fsdp=True shards the model over torchrun's processes: start it with "
                                               "torchrun --standalone --nproc_per_node=2 train.py ..., or drop --fsdp"),
     ])
@@ -213,6 +216,7 @@ def build_model(c, ckpt):
         # STUB: raise NotImplementedError("train.py LoRA: let only the LoRA matrices train")
         mark_only_lora_as_trainable(model)
         # END SOLUTION
+        train_adapter_extras(model)  # DoRA's magnitudes
     else:
         model.requires_grad_(True)
     return model, base_model
@@ -455,7 +459,7 @@ def run(c, ckpt, rt):
     fingerprint = (ckpt or {}).get('base_fingerprint') or (base_fingerprint(raw_model) if c.checkpoint == 'adapter'
                                                            else None)
     if ckpt is None and c.lora_init != 'default':
-        pissa_init(raw_model, pissa_iterations(c.lora_init))
+        variants().pissa_init(raw_model, pissa_iterations(c.lora_init))
     trainable, total, pct = parameter_summary(raw_model)
     progress = Progress(base_model, fingerprint, ckpt)
     if rt.master:

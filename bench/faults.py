@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
 from configurator import configure, run_cli, settings_of  # noqa: E402
-from common import write_json  # noqa: E402
+from lorakit.common import write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 repo = HERE  # the checkout whose scripts are tried

@@ -31,10 +31,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import pick_device, save_atomic, write_json  # noqa: E402
+from lorakit.common import pick_device, save_atomic, write_json  # noqa: E402
 from configurator import configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, load_splits  # noqa: E402
-from lora import lora_state_dict, mark_only_lora_as_trainable  # noqa: E402
+from lora import mark_only_lora_as_trainable  # noqa: E402
+from lorakit.adapters import lora_state_dict  # noqa: E402
 from model import GPT, GPTConfig, target_positions  # noqa: E402
 
 # -----------------------------------------------------------------------------

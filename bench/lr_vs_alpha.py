@@ -23,10 +23,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import load_checkpoint  # noqa: E402
-from common import write_json  # noqa: E402
+from lorakit.checkpoint import load_checkpoint  # noqa: E402
+from lorakit.common import write_json  # noqa: E402
 from configurator import configure, run_cli, settings_of  # noqa: E402
-from lora import LoRALinear  # noqa: E402
+from lorakit.adapters import lora_layers  # noqa: E402
 
 # -----------------------------------------------------------------------------
 init_from = 'gpt2'
@@ -72,7 +72,7 @@ def train_and_evaluate(c, name, alpha, lr):
     with open(os.path.join(run_dir, 'results.json')) as f:
         accuracy = json.load(f)['accuracy']
     model, _ = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'))
-    updates = {n: m.delta_weight() for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.is_lora()}
+    updates = {n: m.lora_scaling * (m.lora_B.detach() @ m.lora_A.detach()) for n, m in lora_layers(model)}
     return dict(lora_alpha=alpha, learning_rate=lr, val_loss=val, accuracy=accuracy), updates
 
 

@@ -1,6 +1,6 @@
 """
 Homework question 2.1, measured: forward latency of a LoRA model with the update merged into W
-(model.eval()), against the same model without LoRA, and with LoRA un-merged.
+(each LoRA layer's eval()), against the same model without LoRA, and with LoRA un-merged.
 
     python bench/merge_latency.py                       # gpt2 shapes, r=128, batch 1 x 128 tokens
     python bench/merge_latency.py --model=gpt2-medium --lora_rank=16 --batch_size=8 --device=cuda
@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.timing import merge_latency  # noqa: E402
-from common import pick_device  # noqa: E402
+from lorakit.common import pick_device  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from model import PRETRAINED_SHAPES  # noqa: E402
 

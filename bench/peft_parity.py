@@ -33,11 +33,11 @@ from transformers import GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
-from common import get_lr, write_json  # noqa: E402
+from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
+from lorakit.common import get_lr, write_json  # noqa: E402
 from configurator import ConfigError, Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
-from lora import pissa_init  # noqa: E402
+from lorakit.variants import pissa_init  # noqa: E402
 from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def export_check(out_dir, seed=0):
     """train.py's run exported with export.py to PEFT and to transformers, each loaded there: the largest logit
     difference from this repository's model on 4 x 64 random tokens, for each."""
     from peft import PeftModel
-    from checkpoint import load_checkpoint
+    from lorakit.checkpoint import load_checkpoint
     for fmt in ('peft', 'hf'):
         subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), f'--out_dir={out_dir}', f'--format={fmt}',
                         '--overwrite=True'], check=True, stdout=subprocess.DEVNULL)

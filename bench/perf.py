@@ -46,8 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
-from hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
-from common import autocast, pick_device, save_atomic, write_json  # noqa: E402
+from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
+from lorakit.common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402

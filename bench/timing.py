@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from lorakit.adapters import merge_lora
 from model import GPT, PRETRAINED_SHAPES, GPTConfig
 
 
@@ -51,7 +52,7 @@ def merge_latency(model, lora_rank, batch_size, seq_len, rounds, dev, seed, ever
             p.normal_(std=0.01)  # a trained-looking update, so merging changes W
     merged = GPT(GPTConfig(**shape, **lora)).to(dev)
     merged.load_state_dict(unmerged.state_dict())
-    merged.eval()  # merges; the un-merged copy stays in train mode, with dropout 0
+    merge_lora(merged.eval())  # the un-merged copy stays in train mode, with dropout 0
     idx = torch.randint(0, 50257, (batch_size, seq_len), device=dev)
     variants = {'no LoRA': plain, 'LoRA merged': merged, 'LoRA un-merged': unmerged}
     return timed_rounds({k: (lambda m=m: m(idx, idx)) for k, m in variants.items()}, rounds, device_sync(dev),

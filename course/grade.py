@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import write_json  # noqa: E402
+from lorakit.common import write_json  # noqa: E402
 from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402
 from starter import HANDOUT_FILES, write_starter  # noqa: E402
 

@@ -18,8 +18,9 @@ import shutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the handout's files, the modules they import, the notebook, and the public handout tests
 FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py", "configurator.py",
-         "configs/finetune_params_config.py", "requirements.txt", "requirements-dev.txt", "checkpoint.py", "common.py",
-         "distributed.py", "runlog.py", "hf_checkpoint.py", "run_in_colab.ipynb", ".gitignore",
+         "configs/finetune_params_config.py", "requirements.txt", "requirements-dev.txt", "lorakit/__init__.py",
+         "lorakit/adapters.py", "lorakit/checkpoint.py", "lorakit/common.py", "lorakit/distributed.py",
+         "lorakit/runlog.py", "lorakit/hf_checkpoint.py", "run_in_colab.ipynb", ".gitignore",
          "course/tests/conftest.py", "course/tests/test_handout.py"]
 HANDOUT_FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py"]  # what a student submits
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (.+?)\s*$")

@@ -15,7 +15,7 @@ import torch
 
 import generate
 import train
-from common import hold_out_dir
+from lorakit.common import hold_out_dir
 from configurator import ConfigError
 from conftest import ROOT
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import export
 import generate
 import train
-from common import WriteError, hold_out_dir, save_atomic
+from lorakit.common import WriteError, hold_out_dir, save_atomic
 from configurator import ConfigError
 from conftest import ROOT, cli, save_random_hf_gpt2
 
@@ -326,7 +326,7 @@ def test_a_failed_command_leaves_no_out_dir_and_the_first_bad_loss_says_no_check
 
 
 def test_a_log_line_that_does_not_fit_leaves_the_log_as_it_was(tmp_path):
-    code = ("import resource, signal, sys; from common import WriteError, append_line\n"
+    code = ("import resource, signal, sys; from lorakit.common import WriteError, append_line\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             f"append_line({str(tmp_path / 'log.jsonl')!r}, {{'iter': 1}})\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (20, 20))\n"

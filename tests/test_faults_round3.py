@@ -14,7 +14,7 @@ import torch
 import export
 import generate
 import train
-from common import save_atomic
+from lorakit.common import save_atomic
 from configurator import ConfigError, Settings, configure
 from conftest import ROOT, cli, save_random_hf_gpt2
 from dataloader import CustomDataLoader, check_labels

@@ -8,7 +8,7 @@ import export
 from conftest import SHARED, results_of
 import generate
 import train
-from checkpoint import load_checkpoint
+from lorakit.checkpoint import load_checkpoint
 from model import GPT
 
 

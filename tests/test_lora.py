@@ -1,4 +1,5 @@
-"""LoRALinear against the formula W x + b + (alpha/r) B A x, merging, state dicts, trainability."""
+"""LoRALinear against the formula W x + b + (alpha/r) B A x, merging, state dicts, trainability; lorakit's
+adapters (add_lora, merge_lora, rsLoRA) and the sliced layer, which use the course's API of lora.py alone."""
 import math
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear, LoRASlicedLinear, add_lora, lora_state_dict, mark_only_lora_as_trainable
+from lora import LoRALinear, mark_only_lora_as_trainable
+from lorakit.adapters import add_lora, lora_state_dict, merge_lora
+from lorakit.variants import LoRASlicedLinear
 from model import GPT, GPTConfig
 
 
@@ -20,7 +23,7 @@ def lora_layer(seed=0, in_f=12, out_f=10, r=4, alpha=8.0, **kw):
 
 def reference(layer, x):
     W, b, A, B = layer.weight, layer.bias, layer.lora_A, layer.lora_B
-    return x @ W.T + b + (layer.lora_alpha / layer.lora_rank) * (x @ A.T @ B.T)
+    return x @ W.T + b + layer.lora_scaling * (x @ A.T @ B.T)
 
 
 def test_rank_zero_is_exactly_nn_linear():
@@ -105,15 +108,17 @@ def test_merge_is_idempotent_and_has_no_autograd_history():
     assert torch.equal(layer.weight, back)
 
 
-def test_model_eval_and_train_merge_every_child():
-    # nn.Module.eval() calls train(False) on children, never their eval() (microsoft/LoRA#61)
+def test_model_eval_leaves_lora_unmerged_and_merge_lora_merges_every_layer():
+    # nn.Module.eval() calls train(False) on children, never their eval(): as in the course's API, that
+    # does not merge, so evaluation merges each LoRA layer itself (merge_lora)
     torch.manual_seed(0)
     model = nn.Sequential(lora_layer(seed=1), nn.ReLU(), nn.Sequential(lora_layer(seed=2, in_f=10)))
     layers = [model[0], model[2][0]]
     x = torch.randn(4, 12)
     y = model(x)
     model.eval()
-    assert all(lyr.has_weights_merged for lyr in layers)
+    assert not any(lyr.has_weights_merged for lyr in layers)
+    assert merge_lora(model) is model and all(lyr.has_weights_merged for lyr in layers)
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
     model.train()
     assert not any(lyr.has_weights_merged for lyr in layers)
@@ -144,14 +149,14 @@ def test_state_dict_means_the_same_in_either_mode(save_mode, load_mode):
             if n.endswith("lora_B"):
                 p.normal_(std=0.5)
     idx = torch.randint(0, 50, (2, 10))
-    model.eval()
+    merge_lora(model.eval())
     expected, _ = model(idx)
-    getattr(model, save_mode)()
+    merge_lora(model) if save_mode == "eval" else model.train()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = GPT(cfg)
-    getattr(fresh, load_mode)()
+    merge_lora(fresh.eval()) if load_mode == "eval" else fresh.train()
     fresh.load_state_dict(sd)
-    fresh.eval()
+    merge_lora(fresh.eval())
     got, _ = fresh(idx)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # the update is added once, not twice
 
@@ -167,9 +172,9 @@ def test_loading_only_the_adapter_into_a_merged_model():
             if n.endswith("lora_B"):
                 p.normal_(std=0.5)
     idx = torch.randint(0, 50, (2, 10))
-    trained.eval()
+    merge_lora(trained.eval())
     expected, _ = trained(idx)
-    base.eval()  # merged with B = 0
+    merge_lora(base.eval())  # merged with B = 0
     adapter = lora_state_dict(trained)
     assert adapter and all(k.endswith(("lora_A", "lora_B")) for k in adapter)
     base.load_state_dict(adapter, strict=False)
@@ -211,12 +216,16 @@ def test_slices_adapt_only_their_part_of_the_output():
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank():
-    layer = LoRALinear(in_features=8, out_features=4, lora_rank=16, lora_alpha=8.0, rslora=True)
-    assert layer.lora_scaling == 2.0  # 8 / sqrt(16), where standard scaling gives 8 / 16
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, lora_rank=16, lora_alpha=8.0)
+    standard, rs = GPT(cfg), GPT(GPTConfig(**{**cfg.__dict__, "lora_scaling": "rslora"}))
+    assert standard.transformer.h[0].attn.c_attn.lora_scaling == 0.5  # 8 / 16
+    assert rs.transformer.h[0].attn.c_attn.lora_scaling == 2.0  # 8 / sqrt(16)
+    layer = add_lora(nn.Sequential(nn.Linear(8, 4)), ["0"], lora_rank=16, lora_alpha=8.0, rslora=True)[0]
+    assert layer.lora_scaling == 2.0
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 8)
-    torch.testing.assert_close(layer(x), reference(layer, x) + (2.0 - 0.5) * (x @ layer.lora_A.T @ layer.lora_B.T))
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T))
 
 
 class Encoder(torch.nn.Module):
@@ -250,7 +259,7 @@ def test_add_lora_adapts_the_named_linears_of_any_model():
             p.data -= 0.5 * p.grad
     trained = model(x)
     assert not torch.allclose(trained, before)
-    torch.testing.assert_close(model.eval()(x), trained, atol=1e-6, rtol=0)  # merged
+    torch.testing.assert_close(merge_lora(model.eval())(x), trained, atol=1e-6, rtol=0)  # merged
     assert model.q_proj.has_weights_merged
     # the adapter alone makes a fresh copy compute the same
     fresh = add_lora(Encoder(), ["q_proj", "v_proj"], lora_rank=2, lora_alpha=4)

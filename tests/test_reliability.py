@@ -11,7 +11,7 @@ import generate
 import train
 from conftest import ROOT, cli
 from configurator import ConfigError
-from checkpoint import load_checkpoint
+from lorakit.checkpoint import load_checkpoint
 
 
 def tiny_run(tiny_ckpt, reviews, out_dir, *flags):

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import runlog
+from lorakit import runlog
 import train
 from configurator import ConfigError, Settings
-from checkpoint import load_checkpoint
+from lorakit.checkpoint import load_checkpoint
 
 
 def run(tiny_ckpt, reviews, out_dir, *flags):
@@ -179,7 +179,7 @@ def test_compiled_training_compiles_once_per_padded_length(pad_multiple, most_gr
 
 
 def test_frozen_weights_in_half_precision_train_lora_as_float32_does():
-    from common import autocast
+    from lorakit.common import autocast
     import tiktoken
     from dataloader import CustomDataLoader
     loader = CustomDataLoader(varied_reviews(40), tiktoken.get_encoding("gpt2"), 4, block_size=128)

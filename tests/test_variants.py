@@ -11,9 +11,11 @@ import torch.nn as nn
 import export
 import generate
 import train
-from checkpoint import load_checkpoint
+from lorakit.checkpoint import load_checkpoint
 from configurator import ConfigError
-from lora import DoRALinear, LoRALinear, lora_state_dict, mark_only_lora_as_trainable, pissa_init
+from lora import LoRALinear, mark_only_lora_as_trainable
+from lorakit.adapters import lora_state_dict, train_adapter_extras
+from lorakit.variants import DoRALinear, load_pissa, pissa_init
 from model import GPT, GPTConfig
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=100, lora_rank=4, lora_alpha=8.0)
@@ -70,7 +72,7 @@ def test_dora_outputs_and_gradients_equal_pefts(dropout):
         fc.lora_A["default"].weight.copy_(ours.lora_A)
         fc.lora_B["default"].weight.copy_(ours.lora_B)
         fc.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
-    mark_only_lora_as_trainable(ours)
+    train_adapter_extras(mark_only_lora_as_trainable(ours))  # DoRA's m trains too
     x = torch.randn(6, 12)
     ours.train(), peft.train()
     torch.manual_seed(1)
@@ -95,7 +97,8 @@ def test_pissas_start_computes_what_the_base_did_and_its_a_b_are_ws_top_singular
     torch.testing.assert_close(model(x)[0], before, atol=1e-5, rtol=0)
     layer = model.transformer.h[0].attn.c_attn
     U, S, Vh = torch.linalg.svd(W)
-    torch.testing.assert_close(layer.delta_weight(), (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lora_scaling * layer.lora_B @ layer.lora_A, (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5,
+                               rtol=0)
     assert {"lora_A0", "lora_B0"} <= {k.rsplit(".", 1)[1] for k in lora_state_dict(model)}
 
 
@@ -140,7 +143,7 @@ def test_the_adapter_alone_resumes_and_evaluates_on_the_unchanged_base(variant_r
     if name == "pissa":  # the residual rebuilt from the base: the adapter model computes what the trained one did
         model, _ = load_checkpoint(run / "ckpt.pt")
         base = GPT.from_pretrained(tiny_ckpt, dict(lora_rank=4, lora_alpha=16.0))
-        base.load_state_dict(ckpt["model"], strict=False)
+        load_pissa(base, ckpt["model"])  # the buffers made, the residual rebuilt
         idx = torch.randint(0, 50257, (2, 12))
         torch.testing.assert_close(logits_of(model, idx), logits_of(base, idx), atol=1e-5, rtol=0)
 

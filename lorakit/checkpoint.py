@@ -17,10 +17,10 @@ from dataclasses import asdict
 
 import torch
 
-from common import error_summary, read_json, save_atomic
+from lorakit.common import error_summary, read_json, save_atomic
 from configurator import ConfigError
-from distributed import non_finite_parameter, whole
-from lora import is_lora_param, lora_state_dict
+from lorakit.distributed import non_finite_parameter, whole
+from lorakit.adapters import is_lora_param, lora_state_dict, variants
 from model import GPT, OVERRIDABLE, GPTConfig
 
 
@@ -101,12 +101,24 @@ def _adapter_model(path, ckpt, state):
     if len(ckpt.get("base_fingerprint") or "") == 64 and ckpt["base_fingerprint"] != base_fingerprint(model):
         raise ValueError(f"the base model {ckpt['base_model']} has other weights than the one the adapter in "
                          f"{path} was trained on")
-    # PiSSA's initial A and B come with the adapter alone: loading them rebuilds the residual W (lora.py)
+    # PiSSA's initial A and B come with the adapter alone: loading them rebuilds the residual W (lorakit/variants.py)
     missing = set(lora_state_dict(model)) ^ {k for k in state if not is_lora_param(k, "lora_A0", "lora_B0")}
     if missing:
         raise RuntimeError(f"adapter tensors differ from the model's, e.g. {sorted(missing)[0]}")
-    model.load_state_dict(state, strict=False)
+    load_weights(model, state, strict=False)
     return model
+
+
+def load_weights(model, state, strict=True):
+    """model.load_state_dict(state, strict), PiSSA's initial A and B included (lorakit/variants.py)."""
+    if not any(is_lora_param(k, "lora_A0") for k in state):
+        return model.load_state_dict(state, strict=strict)
+    result = variants().load_pissa(model, state)
+    wrong = result.missing_keys + result.unexpected_keys
+    if strict and wrong:
+        raise RuntimeError(f"Error(s) in loading state_dict: {'missing' if result.missing_keys else 'unexpected'} "
+                           f"key {wrong[0]}")
+    return result
 
 
 def model_from_checkpoint(ckpt, path):
@@ -117,7 +129,7 @@ def model_from_checkpoint(ckpt, path):
         if ckpt.get("adapter_only"):  # only the LoRA tensors: the rest is the base model the run started from
             return _adapter_model(path, ckpt, state)
         model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(state)
+        load_weights(model, state)
         return model
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None

@@ -12,7 +12,7 @@ dropped with a note. Every file is written atomically or appended a whole line a
 import json
 import os
 
-from common import append_line, log_scale, read_jsonl, save_atomic, save_figure, write_json
+from lorakit.common import append_line, log_scale, read_jsonl, save_atomic, save_figure, write_json
 
 
 def read_logs(c, iter_num):

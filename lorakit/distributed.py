@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import autocast, pick_device, pick_dtype
+from lorakit.common import autocast, pick_device, pick_dtype
 from configurator import ConfigError, Interrupted, stop_signals
 
 

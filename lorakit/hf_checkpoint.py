@@ -14,8 +14,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from common import Unreachable, error_summary, hub_offline, not_a_hub_id
-from lora import lora_state_dict
+from lorakit.common import Unreachable, error_summary, hub_offline, not_a_hub_id
+from lorakit.adapters import lora_state_dict
 
 # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -1,0 +1,160 @@
+"""
+LoRA layers of a model, by the course's API alone (a layer with is_lora() true; its lora_A, lora_B,
+lora_scaling; eval() merges, train() un-merges), so whoever wrote lora.py, these work:
+
+    merge_lora(model.eval())                  # inference: every update folded into W once
+    with evaluating(model): ...               # a loss estimate during training, nothing merged
+    torch.save(lora_state_dict(model), "adapter.pt")      # a few MB
+    trainable, total, percent = parameter_summary(model)  # homework question 2.3
+    add_lora(any_model, r".*(q|v)_proj", lora_rank=8, lora_alpha=16)   # LoRA on another PyTorch model
+    apply_lora_settings(gpt, config)          # model.py's lora_targets, lora_scaling, lora_variant
+"""
+
+import importlib.util
+import re
+from contextlib import contextmanager
+
+import torch.nn as nn
+
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")  # DoRA's m, PiSSA's start
+
+
+def is_lora_layer(module):
+    return isinstance(module, nn.Linear) and callable(getattr(module, "is_lora", None)) and module.is_lora()
+
+
+def lora_layers(model):
+    """[(name, layer)] of model's layers with LoRA."""
+    return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
+
+
+def merge_lora(model):
+    """Each LoRA layer's eval(): its update folded into W, for inference. The model."""
+    for _, m in lora_layers(model):
+        m.eval()
+    return model
+
+
+@contextmanager
+def evaluating(model):
+    """model.eval() for a loss estimate during training, LoRA un-merged; the mode restored after. Layers
+    whose train(False) merges are un-merged again by train(True), as the course's API has it."""
+    was_training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(was_training)
+
+
+def is_lora_param(name, *kinds):
+    """Whether a state-dict name is an adapter's: lora_A or lora_B, DoRA's lora_magnitude, PiSSA's initial
+    lora_A0 and lora_B0; or only the kinds given."""
+    return name.rsplit(".", 1)[-1] in (kinds or ADAPTER_TENSORS)
+
+
+def lora_state_dict(model):
+    """Only the adapter's tensors of model.state_dict(): a few MB instead of the whole model."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_param(k)}
+
+
+def parameter_summary(model):
+    """(trainable, total, percent trainable): homework question 2.3."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total, 100.0 * trainable / total
+
+
+def train_adapter_extras(model):
+    """After mark_only_lora_as_trainable: what an adapter trains besides A and B (DoRA's magnitudes)."""
+    for name, p in model.named_parameters():
+        if is_lora_param(name, "lora_magnitude"):
+            p.requires_grad_(True)
+    return model
+
+
+def rescale(model, lora_alpha, rslora):
+    """rsLoRA (Kalajdzievski, 2023): each LoRA layer's update scaled by alpha / sqrt(r) instead of alpha / r."""
+    if rslora:
+        for _, m in lora_layers(model):
+            r = getattr(m, "lora_rank", m.lora_A.shape[0])  # a sliced layer stacks its slices' A
+            m.lora_scaling = lora_alpha / r ** 0.5
+    return model
+
+
+def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, rslora=False):
+    """
+    LoRA on any PyTorch model: each nn.Linear whose qualified name matches target_modules (a regular
+    expression matched against the whole name, or a list of names) becomes a lora.LoRALinear holding the
+    same weights, in the same place. Returns the model; make only the LoRA matrices train with
+    mark_only_lora_as_trainable(model). A pattern that matches no nn.Linear is a ValueError naming those
+    there are.
+    """
+    from lora import LoRALinear
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    if isinstance(target_modules, str):
+        chosen = [name for name in linears if re.fullmatch(target_modules, name)]
+    else:
+        chosen = list(target_modules)
+    unknown = [name for name in chosen if name not in linears]
+    if not chosen or unknown:
+        raise ValueError(f"target_modules {target_modules!r} names no nn.Linear of the model"
+                         f"{' (' + unknown[0] + ' is none)' if unknown else ''}; it has: {', '.join(linears) or 'none'}")
+    for name in chosen:
+        old = linears[name]
+        new = LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device,
+                         dtype=old.weight.dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        new.load_state_dict(old.state_dict(), strict=False)  # the same W and b; A drawn, B zero
+        new.weight.requires_grad_(old.weight.requires_grad)
+        if old.bias is not None:
+            new.bias.requires_grad_(old.bias.requires_grad)
+        new.train(old.training)
+        rescale(new, lora_alpha, rslora)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def pissa_iterations(lora_init):
+    """lora_init's randomised-SVD iterations: None for the exact SVD (pissa) or for default, N for
+    pissa_niter_N; False for anything else."""
+    if lora_init in ("default", "pissa"):
+        return None
+    m = re.fullmatch(r"pissa_niter_([0-9]+)", lora_init)
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else False
+
+
+VARIANTS_MISSING = ("DoRA, PiSSA and LoRA on qv's slices are in lorakit/variants.py, which ships with the solution, "
+                    "not the starter: drop --lora_variant, --lora_init and --lora_targets=qv")
+
+
+def variants_needed(lora_targets="attn", lora_variant="lora", lora_init="default"):
+    """Whether these settings need lorakit/variants.py and it is not there (the starter)."""
+    wanted = lora_targets == "qv" or lora_variant != "lora" or lora_init != "default"
+    return wanted and importlib.util.find_spec("lorakit.variants") is None
+
+
+def variants():
+    """lorakit.variants, or a ValueError saying it ships with the solution only."""
+    if variants_needed(lora_variant="dora"):
+        raise ValueError(VARIANTS_MISSING)
+    from lorakit import variants
+    return variants
+
+
+def apply_lora_settings(model, config):
+    """
+    A GPT built by model.py (LoRA on the attention's c_attn and c_proj) made what config asks beyond the
+    homework: lora_targets qv (the query and value slices of c_attn) or attn_mlp (the MLP's projections
+    too), lora_scaling rslora, lora_variant dora. The model.
+    """
+    if config.lora_rank == 0:
+        return model
+    lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+    if config.lora_targets == "qv":
+        variants().slice_qv(model, **lora)
+    elif config.lora_targets == "attn_mlp":
+        add_lora(model, r"transformer\.h\.\d+\.mlp\.(c_fc|c_proj)", **lora)
+    rescale(model, config.lora_alpha, config.lora_scaling == "rslora")
+    if config.lora_variant == "dora":
+        variants().use_dora(model)
+    return model
