@@ -36,7 +36,8 @@ def test_the_starter_has_no_solution_and_stops_at_its_todos(starter, tiny_ckpt, 
     assert not [p for p, t in texts.items() if re.search(r"BEGIN SOLUTION|END SOLUTION|# STUB:", t)]
     assert not (starter / "docs").exists() and "| TODO |" not in texts[starter / "README.md"]
     lora = texts[starter / "lora.py"]
-    assert "raise NotImplementedError(\"LoRALinear.forward" in lora and "self.lora_update(self.lora_dropout(x))" not in lora
+    assert "raise NotImplementedError(\"LoRALinear.forward" in lora and "self.lora_dropout(input)" not in lora
+    assert not (starter / "lorakit" / "variants.py").exists()  # its layers merge updates: the solution's only
     code, _, err = cli("-c", "import lora, model, dataloader, train, generate", cwd=starter)
     assert code == 0, err
     code, _, err = cli("train.py", "configs/finetune_params_config.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}",
@@ -63,7 +64,12 @@ def test_grading_the_solution_the_starter_and_broken_submissions(starter, tmp_pa
     out, lost, _ = grade(starter, tmp_path)
     assert out["score"] == 0 and len(lost) == 10
     for name, old, new, tasks in [
-        ("no-bias", "y = F.linear(x, self.weight, self.bias)", "y = F.linear(x, self.weight)", {"LoRALinear.forward"}),
+        ("no-bias", "y = F.linear(input, self.weight, self.bias)", "y = F.linear(input, self.weight)",
+         {"LoRALinear.forward"}),
+        ("no-dropout", "self.lora_dropout(input)", "input", {"LoRALinear.forward"}),
+        ("dropout-on-everything", "y = F.linear(input, self.weight, self.bias)",
+         "input = self.lora_dropout(input) if self.is_lora() else input\n        y = F.linear(input, self.weight, self.bias)",
+         {"LoRALinear.forward"}),
         ("numbers", 'self.prompt.answer(rec["label"]) + EOT', '" " + str(rec["label"]) + EOT',
          {"CustomDataLoader._add_instruction_finetuning"}),
         ("unparseable-as-negative", "predicted = [self.prompt.parse(g) for g in generations]",
@@ -73,8 +79,46 @@ def test_grading_the_solution_the_starter_and_broken_submissions(starter, tmp_pa
         sub.mkdir()
         for f in HANDOUT:
             shutil.copyfile(ROOT / f, sub / f)
-        path = sub / ("lora.py" if name == "no-bias" else "dataloader.py" if name == "numbers" else "generate.py")
+        path = sub / ("dataloader.py" if name == "numbers" else "generate.py" if name.startswith("unparseable") else
+                      "lora.py")
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
         out, lost, table = grade(sub, tmp_path)
         assert lost == tasks, (name, table)
+
+
+def test_a_course_style_lora_py_drops_in_scores_full_marks_and_trains_evaluates_and_exports(tiny_ckpt, reviews,
+                                                                                           tmp_path):
+    """A lora.py written for the course's starter (tests/course_style/lora.py: the course's API alone) with this
+    repository's other handout files: full marks, and a LoRA run trained, resumed, evaluated and exported with it."""
+    sub = tmp_path / "submission"
+    sub.mkdir()
+    for f in HANDOUT:
+        shutil.copyfile(ROOT / ("tests/course_style/lora.py" if f == "lora.py" else f), sub / f)
+    out, lost, table = grade(sub, tmp_path)
+    assert out["score"] == 28 and not lost, table
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "bench"))
+    shutil.copyfile(sub / "lora.py", repo / "lora.py")
+    run = tmp_path / "run"
+    common = [f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={run}", "--device=cpu", "--batch_size=4",
+              "--eval_iters=1", "--rank=4", "--alpha=16", "--lr=1e-2", "--warmup_iters=0", "--eval_interval=2"]
+    code, _, err = cli("train.py", *common, "--max_iters=2", cwd=repo)
+    assert code == 0, err
+    code, _, err = cli("train.py", f"--out_dir={run}", "--init_from=resume", "--max_iters=4", cwd=repo)
+    assert code == 0, err
+    code, _, err = cli("generate.py", f"--out_dir={run}", "--device=cpu", "--num_samples=6", cwd=repo)
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["n"] == 6
+    code, _, err = cli("export.py", f"--out_dir={run}", "--format=hf", cwd=repo)
+    assert code == 0, err
+    import torch
+    from transformers import GPT2LMHeadModel
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.adapters import merge_lora
+    ours, _ = load_checkpoint(str(run / "ckpt.pt"))  # this repository's lora.py reads the student's checkpoint
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        expected = merge_lora(ours.eval())(idx, idx)[0]
+        got = GPT2LMHeadModel.from_pretrained(run / "hf")(input_ids=idx).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

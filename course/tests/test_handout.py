@@ -19,21 +19,37 @@ SEEDED_B = [0.298815, -0.421625, -0.429441]
 SEEDED_A = [[-0.202817, -0.43084, 0.482738, 0.19695], [0.190665, -0.059405, 0.06462, -0.308622]]
 
 
-def layer(rank=2, alpha=4.0, seed=0, trained=True, **kw):
-    """A LoRALinear(6, 5) whose B is non-zero (as after training) unless trained=False."""
+def layer(rank=2, scaling=0.75, dropout=0.0, seed=0, trained=True):
+    """
+    A LoRALinear(6, 5) with A, B and the scaling set here, as the course's tests set them: a forward, train or
+    eval test then grades that method alone, whatever __init__ and reset_parameters do (a layer built without
+    LoRA gets its LoRA part attached when they are not written yet). B is non-zero unless trained=False.
+    """
     from lora import LoRALinear
     torch.manual_seed(seed)
-    m = LoRALinear(6, 5, lora_rank=rank, lora_alpha=alpha, **kw)
-    if trained:
-        with torch.no_grad():
-            m.lora_B.normal_()
+    try:
+        m = LoRALinear(6, 5, lora_rank=rank, lora_alpha=1.0)
+    except NotImplementedError:
+        m = LoRALinear(6, 5)
+    with torch.no_grad():
+        m.lora_A = nn.Parameter(torch.randn(rank, 6) / 3, requires_grad=False)
+        m.lora_B = nn.Parameter(torch.randn(5, rank) if trained else torch.zeros(5, rank), requires_grad=False)
+    m.lora_scaling, m.lora_dropout, m.has_weights_merged = scaling, nn.Dropout(dropout), False
     return m
 
 
-def by_hand(m, x, W=None):
-    """W x + b + (alpha / r) B A x, written out."""
-    W = m.weight if W is None else W
-    return x @ W.T + m.bias + (m.lora_alpha / m.lora_rank) * (x @ m.lora_A.T @ m.lora_B.T)
+def update(m):
+    return m.lora_scaling * m.lora_B.detach() @ m.lora_A.detach()
+
+
+def by_hand(m, x, lora_input=None):
+    """W x + b + scaling B A x (the update's input lora_input, x unless given), written out."""
+    lora_input = x if lora_input is None else lora_input
+    return x @ m.weight.T + m.bias + m.lora_scaling * (lora_input @ m.lora_A.T @ m.lora_B.T)
+
+
+def close(got, want, msg):
+    torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5, msg=msg)
 
 
 # --- LoRALinear.__init__ -----------------------------------------------------------------------------
@@ -41,20 +57,21 @@ def by_hand(m, x, W=None):
 @task("LoRALinear.__init__")
 def test_init_creates_frozen_lora_matrices_of_the_right_shapes():
     from lora import LoRALinear
-    m = LoRALinear(in_features=6, out_features=5, lora_rank=3, lora_alpha=12.0)
+    m = LoRALinear(in_features=6, out_features=5, lora_rank=3, lora_alpha=12.0, lora_dropout=0.1)
     assert isinstance(m, nn.Linear), "LoRALinear must stay an nn.Linear"
     assert tuple(m.lora_A.shape) == (3, 6), f"lora_A must be (rank, in_features), it is {tuple(m.lora_A.shape)}"
     assert tuple(m.lora_B.shape) == (5, 3), f"lora_B must be (out_features, rank), it is {tuple(m.lora_B.shape)}"
+    assert isinstance(m.lora_A, nn.Parameter) and isinstance(m.lora_B, nn.Parameter), "A and B are nn.Parameters"
     assert not m.lora_A.requires_grad and not m.lora_B.requires_grad, "lora_A and lora_B start frozen"
-    assert math.isclose(m.lora_scaling, 4.0), f"the scaling is alpha / r = 4.0, not {m.lora_scaling}"
+    assert math.isclose(m.lora_scaling, 4.0), f"the scaling is alpha / r = 12 / 3 = 4.0, not {m.lora_scaling}"
+    assert isinstance(m.lora_dropout, nn.Dropout) and m.lora_dropout.p == 0.1, "lora_dropout is nn.Dropout(lora_dropout)"
+    assert m.is_lora() and not m.has_weights_merged, "a new layer has LoRA, un-merged"
     torch.manual_seed(1)
     ref = nn.Linear(6, 5)
     torch.manual_seed(1)
     plain = LoRALinear(6, 5)
     assert [n for n, _ in plain.named_parameters()] == ["weight", "bias"], "a rank-0 layer has no LoRA matrices"
     assert torch.equal(plain.weight, ref.weight) and torch.equal(plain.bias, ref.bias), "rank 0: an nn.Linear"
-
-
 
 
 @task("LoRALinear.__init__")
@@ -100,14 +117,16 @@ def test_reset_draws_w_b_then_a():
 def test_forward_adds_the_scaled_update_and_keeps_the_bias():
     m = layer()
     x = torch.randn(3, 6)
-    torch.testing.assert_close(m(x), by_hand(m, x), msg="forward must be W x + b + (alpha / r) B A x")
+    close(m(x), by_hand(m, x), "forward must be W x + b + lora_scaling * B A x")
+    x3 = torch.randn(2, 4, 6)
+    close(m(x3), by_hand(m, x3), "forward must take inputs of any leading shape (batch, time, features)")
 
 
 @task("LoRALinear.forward")
 def test_a_fresh_layer_computes_the_pretrained_function():
     m = layer(trained=False)
     x = torch.randn(3, 6)
-    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), msg="with B = 0, forward is W x + b")
+    close(m(x), F.linear(x, m.weight, m.bias), "with B = 0, forward is W x + b")
 
 
 @task("LoRALinear.forward")
@@ -115,8 +134,8 @@ def test_forward_skips_the_update_once_it_is_merged():
     m = layer()
     x = torch.randn(3, 6)
     m.has_weights_merged = True
-    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias),
-                               msg="a merged layer's W already holds the update: forward must not add it again")
+    close(m(x), F.linear(x, m.weight, m.bias),
+          "a merged layer's W already holds the update: forward must not add it again")
 
 
 @task("LoRALinear.forward")
@@ -128,34 +147,55 @@ def test_gradients_reach_a_and_b():
     assert m.lora_A.grad is not None and m.lora_B.grad is not None, "the update must be part of the graph"
 
 
+@task("LoRALinear.forward")
+def test_dropout_goes_on_the_updates_input_only():
+    x = torch.randn(8, 6)
+    m = layer(dropout=0.5, trained=False).train()
+    close(m(x), F.linear(x, m.weight, m.bias),
+          "dropout belongs on the LoRA branch's input alone: W x + b must see x itself, not dropout(x)")
+    m = layer(dropout=0.5).train()
+    torch.manual_seed(7)
+    got = m(x)
+    torch.manual_seed(7)
+    dropped = F.dropout(x, 0.5, training=True)  # the mask self.lora_dropout(x) draws under the same seed
+    close(got, by_hand(m, x, dropped), "in training, forward must be W x + b + lora_scaling * B A lora_dropout(x)")
+
+
 # --- LoRALinear.train and LoRALinear.eval ------------------------------------------------------------
+# The course's API: eval() merges the update into W, train() takes it out again. nn.Module.eval() calls
+# train(False) on each layer, never its eval(), so evaluation calls each LoRA layer's eval() itself.
+
+def merged(m):
+    """m as eval() leaves it: W holding the update, the flag set, dropout off."""
+    with torch.no_grad():
+        m.weight += update(m)
+    m.has_weights_merged, m.training = True, False
+    return m
+
 
 @task("LoRALinear.train")
-def test_train_false_merges_and_train_true_unmerges():
+def test_train_unmerges_and_returns_the_layer():
     m = layer()
     W0 = m.weight.detach().clone()
-    m.train(False)
-    assert m.has_weights_merged, "train(False) must merge"
-    torch.testing.assert_close(m.weight.detach(), W0 + 2.0 * m.lora_B.detach() @ m.lora_A.detach(),
-                               msg="merging adds (alpha / r) B A to W")
-    m.train(True)
-    assert not m.has_weights_merged, "train(True) must un-merge"
-    torch.testing.assert_close(m.weight.detach(), W0, msg="un-merging must give W back")
+    assert merged(m).train() is m, "train() returns the layer"
+    assert m.training, "train() puts the layer in training mode"
+    assert not m.has_weights_merged, "train() must un-merge a merged layer (has_weights_merged = False)"
+    close(m.weight, W0, "un-merging must take lora_scaling * B A out of W again")
+    m.train()
+    close(m.weight, W0, "a second train() must change nothing")
 
 
 @task("LoRALinear.train")
-def test_merging_twice_adds_the_update_once_and_trains_on():
+def test_an_unmerged_layer_trains_on():
     m = layer()
     m.lora_A.requires_grad_(True)
     m.lora_B.requires_grad_(True)
     W0, x = m.weight.detach().clone(), torch.randn(3, 6)
-    m.train(False)
-    m.train(False)
-    torch.testing.assert_close(m.weight.detach(), W0 + 2.0 * m.lora_B.detach() @ m.lora_A.detach(),
-                               msg="a second merge must change nothing")
-    m.train(True)
-    m(x).sum().backward()  # a merge done in place under autograd breaks this
-    assert m.lora_B.grad is not None
+    m.train()
+    close(m.weight, W0, "train() on a layer that is not merged must leave W alone")
+    merged(m).train()
+    F.linear(x, m.weight, m.bias).sum().backward()  # a change of W under autograd breaks this
+    assert m.weight.grad_fn is None, "un-merge W without autograd history (torch.no_grad() or .data)"
 
 
 @task("LoRALinear.eval")
@@ -163,9 +203,20 @@ def test_eval_merges_and_returns_the_layer():
     m = layer()
     W0 = m.weight.detach().clone()
     assert m.eval() is m, "eval() returns the layer"
-    assert m.has_weights_merged and not m.training, "eval() merges and leaves training mode"
-    torch.testing.assert_close(m.weight.detach(), W0 + 2.0 * m.lora_B.detach() @ m.lora_A.detach(),
-                               msg="eval() adds (alpha / r) B A to W")
+    assert m.has_weights_merged and not m.training, "eval() merges (has_weights_merged = True) and leaves training mode"
+    close(m.weight, W0 + update(m), "eval() adds lora_scaling * B A to W")
+    assert m.weight.grad_fn is None, "merge W without autograd history (torch.no_grad() or .data)"
+
+
+@task("LoRALinear.eval")
+def test_eval_twice_adds_the_update_once():
+    m = layer()
+    W0 = m.weight.detach().clone()
+    m.eval()
+    m.eval()
+    close(m.weight, W0 + update(m), "a second eval() must not add the update again")
+    x = torch.randn(3, 6)
+    close(F.linear(x, m.weight, m.bias), by_hand(layer(), x), "the merged layer computes what the un-merged one did")
 
 
 # --- mark_only_lora_as_trainable ---------------------------------------------------------------------
@@ -174,41 +225,69 @@ def test_eval_merges_and_returns_the_layer():
 def test_only_lora_matrices_train():
     from lora import mark_only_lora_as_trainable
 
-    class Adapted(nn.Module):  # parameters named as LoRA layers name theirs, no LoRALinear needed
+    class Small(nn.Module):  # what the course's code passes: a model with LoRALinear layers among others
         def __init__(self):
             super().__init__()
-            self.weight, self.bias = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
-            self.lora_A, self.lora_B = nn.Parameter(torch.zeros(1, 2)), nn.Parameter(torch.zeros(2, 1))
-            self.norm = nn.LayerNorm(2)
+            self.wte, self.ln = nn.Embedding(10, 6), nn.LayerNorm(6)
+            self.c_attn, self.c_proj = layer(seed=1), layer(seed=2)
+            self.head = nn.Linear(5, 10, bias=False)
 
-    model = nn.Sequential(Adapted(), nn.Embedding(3, 2))
-    model[0].lora_A.requires_grad_(False)
+    model = Small()
+    model.c_attn.lora_A.requires_grad_(True)  # whatever they were before
     assert mark_only_lora_as_trainable(model) is model, "it returns the model"
     trains = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trains == ["0.lora_A", "0.lora_B"], f"only lora_A and lora_B train, not {trains}"
+    assert trains == ["c_attn.lora_A", "c_attn.lora_B", "c_proj.lora_A", "c_proj.lora_B"], \
+        f"only the LoRA matrices train, not {trains}"
+
+
+@task("mark_only_lora_as_trainable")
+def test_every_other_parameter_is_frozen():
+    from lora import mark_only_lora_as_trainable
+    model = nn.Sequential(nn.Embedding(10, 6), layer(seed=3), nn.LayerNorm(5))
+    mark_only_lora_as_trainable(model)
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == ["0.weight", "1.bias", "1.weight", "2.bias", "2.weight"], \
+        f"W, biases, LayerNorms and embeddings are frozen; frozen now: {frozen}"
 
 
 # --- model.py attention ------------------------------------------------------------------------------
 
-@task("model.py attention")
-def test_attention_projections_are_lora_layers():
-    from lora import LoRALinear
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=64))
-    attn = model.transformer.h[0].attn
-    assert isinstance(attn.c_attn, LoRALinear) and isinstance(attn.c_proj, LoRALinear), \
-        "c_attn and c_proj must be LoRALinear layers"
-    assert (attn.c_attn.in_features, attn.c_attn.out_features) == (8, 24) and attn.c_proj.out_features == 8
+class Recorder(nn.Linear):
+    """Stands in for lora.LoRALinear in model.py's tests, so they grade model.py whatever lora.py does: an
+    nn.Linear that keeps the LoRA settings it was given."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, lora_rank=0, lora_alpha=0.0,
+                 lora_dropout=0.0):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.given = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+
+    def is_lora(self):
+        return False
+
+
+def attention(monkeypatch, **lora):
+    import model
+    monkeypatch.setattr(model, "LoRALinear", Recorder)
+    return model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=64, **lora)).transformer.h[0].attn
 
 
 @task("model.py attention")
-def test_attention_layers_take_the_configs_lora_settings():
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=64, lora_rank=2, lora_alpha=4.0))
-    attn = model.transformer.h[0].attn
+def test_attention_projections_are_lora_layers(monkeypatch):
+    attn = attention(monkeypatch)
+    assert isinstance(attn.c_attn, Recorder) and isinstance(attn.c_proj, Recorder), \
+        "c_attn and c_proj must be LoRALinear layers (model.py's LoRALinear, from lora.py)"
+    assert (attn.c_attn.in_features, attn.c_attn.out_features) == (8, 24), "c_attn maps n_embd to 3 * n_embd"
+    assert (attn.c_proj.in_features, attn.c_proj.out_features) == (8, 8), "c_proj maps n_embd to n_embd"
+    assert attn.c_attn.bias is not None, "with bias=config.bias, as nn.Linear had it"
+
+
+@task("model.py attention")
+def test_attention_layers_take_the_configs_lora_settings(monkeypatch):
+    attn = attention(monkeypatch, lora_rank=2, lora_alpha=4.0, lora_dropout=0.1)
     for name in ("c_attn", "c_proj"):
-        assert getattr(attn, name).lora_rank == 2 and math.isclose(getattr(attn, name).lora_scaling, 2.0), \
-            f"{name} must use the config's lora_rank and lora_alpha"
+        given = getattr(getattr(attn, name), "given", {})
+        assert given == dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.1), \
+            f"{name} must get the config's lora_rank, lora_alpha and lora_dropout, not {given}"
 
 
 # --- CustomDataLoader._add_instruction_finetuning ----------------------------------------------------
@@ -224,7 +303,7 @@ def test_the_text_is_the_prompt_then_the_label_word_then_end_of_text(reviews):
     data = loader(reviews)
     pos = data._add_instruction_finetuning({"text": "a gorgeous film", "label": 1})["instr_tuned_text"]
     neg = data._add_instruction_finetuning({"text": "a dull film", "label": 0})["instr_tuned_text"]
-    assert "a gorgeous film" in pos and pos.startswith("Classify the sentiment"), "the prompt holds the review"
+    assert "a gorgeous film" in pos, f"the prompt must hold the review: {pos!r}"
     assert pos.endswith("Sentiment: positive<|endoftext|>"), f"label 1 reads ' positive', then end-of-text: {pos[-40:]!r}"
     assert neg.endswith("Sentiment: negative<|endoftext|>"), f"label 0 reads ' negative', not a number: {neg[-40:]!r}"
 
@@ -244,7 +323,8 @@ def test_the_training_model_has_lora_and_only_lora_trains(tiny_gpt2, reviews):
     import train
     c, _ = train.read_settings([f"--init_from={tiny_gpt2}", f"--dataset={reviews}", "--rank=2", "--alpha=4"])
     model, _ = train.build_model(c, None)
-    assert model.transformer.h[0].attn.c_attn.lora_rank == 2, "the model must be loaded with the run's LoRA rank"
+    attn = model.transformer.h[0].attn.c_attn
+    assert getattr(attn, "lora_A", torch.empty(0)).shape[:1] == (2,), "the model must be loaded with the run's LoRA rank"
     trains = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trains == {"lora_A", "lora_B"}, f"only the LoRA matrices train, not {sorted(trains)}"
 
