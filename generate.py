@@ -31,13 +31,13 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
-from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding, hold_out_dir,
-                    pick_device, pick_dtype, read_json, save_atomic, write_json)
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
-from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad, load_splits,
-                        prompt_errors, stratified_subset)
+from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad,
+                        load_splits, prompt_errors, stratified_subset)
 from lorakit.adapters import merge_lora
+from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
+from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding,
+                            hold_out_dir, pick_device, pick_dtype, read_json, save_atomic, write_json)
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -193,28 +193,28 @@ class ModelSampler:
 
     def get_accuracy(self, progress=True):
         """
-        (accuracy, positive_count, negative_count): a review counts as right when the model's generation
-        after its prompt starts with its label word; one that starts with neither (unparseable) is wrong.
+        (accuracy, positive_count, negative_count) on self.records: a review counts as right when the model's
+        generation after its prompt starts with its label word; one that starts with neither is wrong.
         """
-        t0 = time.time()
         # BEGIN SOLUTION ModelSampler.get_accuracy
-        # STUB: # TODO: for every review of self.records (dicts with 'text' and 'label'), build its prompt
-        # STUB: # (self.prompt_ids), generate its continuation (self.generations does a list in batches), read the
-        # STUB: # label it starts with (self.prompt.parse: 0, 1 or None), and count: correct answers, how many
-        # STUB: # generations read as positive (1) and as negative (0). An unparseable generation is wrong.
-        # STUB: # Leave them in prompts, generations, predicted and correct: the lines below use those.
+        # STUB: # TODO: for each review of self.records (dicts with 'text' and 'label'), generate the model's
+        # STUB: # continuation of its prompt (the dataloader's template, without the label: self.prompt_ids(text)
+        # STUB: # gives its token ids, self.generations(list of them) the continuations as text, in batches).
+        # STUB: # Read the label each continuation starts with: its first characters, ignoring leading spaces and
+        # STUB: # case, must be a label word (label 0's or label 1's, self.prompt.words); one that starts with
+        # STUB: # neither is unparseable and counts as wrong. Return (share correct, how many read as positive,
+        # STUB: # how many read as negative).
         # STUB: raise NotImplementedError("ModelSampler.get_accuracy")
         prompts = [self.prompt_ids(r['text']) for r in self.records]
         generations = self.generations(prompts, progress)  # in batches; the shared prompt start computed once
         predicted = [self.prompt.parse(g) for g in generations]  # 0, 1, or None when unparseable
         correct = sum(p == r['label'] for p, r in zip(predicted, self.records))
-        # END SOLUTION
-        self.seconds = time.time() - t0
+        # what predictions.jsonl holds, one review a line (write_results)
         self.results = [dict(text=r['text'], label=r['label'], prompt=self.enc.decode(ids), generation=g,
                              prediction=None if p is None else self.prompt.words[p])
                         for r, ids, g, p in zip(self.records, prompts, generations, predicted)]
-        self.accuracy = (correct / len(predicted), predicted.count(1), predicted.count(0))
-        return self.accuracy
+        return correct / len(predicted), predicted.count(1), predicted.count(0)
+        # END SOLUTION
 
     # --- batching and caching -------------------------------------------------------------------------
 
@@ -276,14 +276,15 @@ class ModelSampler:
             probs = self.model.continuation_logprobs(idx, self.label_ids, mask).exp().tolist()
         return [(None if y is None else self.prompt.words[y], *p) for y, p in zip(labels, probs)]
 
-    def write_results(self, out_dir):
-        """results.json and predictions.jsonl of the last get_accuracy(), written atomically."""
+    def write_results(self, out_dir, accuracy, seconds):
+        """results.json of get_accuracy()'s answer and the seconds it took, and the predictions.jsonl it kept,
+        if it kept one; written atomically."""
         c = self.settings
-        accuracy, pos, neg = self.accuracy
+        accuracy, pos, neg = accuracy
         os.makedirs(out_dir, exist_ok=True)
-        n = len(self.results)
+        n = len(self.records)
         summary = dict(accuracy=accuracy, positive=pos, negative=neg, unparseable=n - pos - neg, n=n,
-                       seconds=round(self.seconds, 3), examples_per_second=round(n / self.seconds, 2),
+                       seconds=round(seconds, 3), examples_per_second=round(n / seconds, 2),
                        **{k: c[k] for k in ('init_from', 'out_dir', 'split', 'mode', 'prompt_style', 'max_new_tokens',
                                             'temperature', 'top_k', 'seed', 'batch_size')},
                        dataset=self.dataset, prompt_template=self.prompt.template, label_words=self.prompt.label_words,
@@ -296,8 +297,11 @@ class ModelSampler:
             append_line(history, previous, then='run the command again')
         append_line(history, dict(summary, when=time.strftime('%Y-%m-%d %H:%M:%S')), then='run the command again')
         write_json(summary, path)
-        lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
-        save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
+        if getattr(self, 'results', None) is not None:  # a get_accuracy of the course's form keeps none
+            lines = ''.join(json.dumps(r) + '\n' for r in self.results).encode()
+            save_atomic(lines, os.path.join(out_dir, 'predictions.jsonl'))
+        elif os.path.exists(os.path.join(out_dir, 'predictions.jsonl')):  # an earlier evaluation's: not these results
+            os.remove(os.path.join(out_dir, 'predictions.jsonl'))
         if previous is not None:
             summary['replaced'] = previous
         return summary
@@ -350,12 +354,14 @@ def main(argv):
         return None
     with hold_out_dir(c.out_dir, command_line()):  # before the work: results that cannot be written stop it now
         sampler = ModelSampler(**c)
+        t0 = time.time()
         accuracy, pos, neg = sampler.get_accuracy()
-        summary = sampler.write_results(c.out_dir)
+        summary = sampler.write_results(c.out_dir, (accuracy, pos, neg), time.time() - t0)
     print(f"Accuracy: {accuracy:.4f}, Positive Predictions: {pos}, Negative Predictions: {neg}, "
           f"Unparseable: {summary['unparseable']} ({summary['n']} reviews, {summary['seconds']:.1f} s, "
           f"{summary['examples_per_second']:.1f} reviews/s)")
-    print(f"wrote {os.path.join(c.out_dir, 'results.json')} and predictions.jsonl")
+    kept = ' and predictions.jsonl' if os.path.exists(os.path.join(c.out_dir, 'predictions.jsonl')) else ''
+    print(f"wrote {os.path.join(c.out_dir, 'results.json')}{kept}")
     if 'replaced' in summary:
         print(f"replaced the results of an earlier evaluation ({describe(summary.pop('replaced'))}); every "
               f"evaluation's results stay in {os.path.join(c.out_dir, HISTORY)}")

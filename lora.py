@@ -16,11 +16,14 @@ This file is the course's API and nothing more; what builds on it (adapters save
 model, DoRA, PiSSA, LoRA on slices of a fused projection) is in lorakit/.
 """
 
-import math
-
 import torch
 import torch.nn as nn
+# BEGIN SOLUTION LoRALinear.reset_parameters
+import math
+# END SOLUTION
+# BEGIN SOLUTION LoRALinear.forward
 import torch.nn.functional as F
+# END SOLUTION
 
 
 class LoRALinear(nn.Linear):
@@ -65,7 +68,7 @@ class LoRALinear(nn.Linear):
             self.has_weights_merged = False  # W was drawn afresh
             # END SOLUTION
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         # BEGIN SOLUTION LoRALinear.forward
         # STUB: # TODO: return W x + b, plus the scaled update (alpha / r) B A dropout(x) unless it is already
         # STUB: # merged into W. Dropout goes on the update's input only: the frozen path sees x itself.
@@ -76,7 +79,7 @@ class LoRALinear(nn.Linear):
         return y
         # END SOLUTION
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "LoRALinear":
         # BEGIN SOLUTION LoRALinear.train
         # STUB: # TODO: set the layer's mode as nn.Module does; for training (mode=True), take a merged update
         # STUB: # back out of W (W -= (alpha / r) B A) so that A and B train again. Return the layer.
@@ -90,7 +93,7 @@ class LoRALinear(nn.Linear):
         return self
         # END SOLUTION
 
-    def eval(self):
+    def eval(self) -> "LoRALinear":
         # BEGIN SOLUTION LoRALinear.eval
         # STUB: # TODO: put the layer in eval mode and fold the update into W once (W += (alpha / r) B A), so
         # STUB: # that inference costs what nn.Linear costs; a second eval() must not add it again. Return the layer.

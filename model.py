@@ -4,19 +4,18 @@ GPT-2 in one file, after nanoGPT (karpathy/nanoGPT model.py), with LoRA in the a
     python model.py     # trainable parameters of LoRA r=16/128/196 on every GPT-2 size (question 2.3)
     python model.py --lora_targets=qv
 
-The linear layers are LoRALinear layers (lora.py). As the homework asks, by default (lora_targets
-"attn") the attention's fused query/key/value projection `c_attn` and its output projection `c_proj`
-are adapted, one rank-r update for q, k and v together; "qv" adapts only the query and value slices
-of c_attn (the LoRA paper's choice), "attn_mlp" the MLP's c_fc and c_proj too. With lora_rank=0
-this is plain GPT-2.
+As the homework asks, the attention's fused query/key/value projection `c_attn` and its output
+projection `c_proj` are LoRALinear layers (lora.py), one rank-r update for q, k and v together. Beyond
+the homework, lorakit/adapters.py makes lora_targets "qv" adapt only the query and value slices of
+c_attn (the LoRA paper's choice) and "attn_mlp" the MLP's c_fc and c_proj too. With lora_rank=0 this
+is plain GPT-2.
 
     model = GPT.from_pretrained("gpt2-medium", dict(lora_rank=16, lora_alpha=64))
     logits, loss = model(idx, targets)      # targets of -1 are ignored
 
 from_pretrained takes gpt2 .. gpt2-xl, any hub id of a GPT-2 checkpoint, or a local directory that
-holds one; the architecture comes from that checkpoint's config. Generation uses a key/value cache
-and accepts left-padded batches (an attention mask), so a batch generates exactly what its prompts
-generate one at a time.
+holds one; the architecture comes from that checkpoint's config. Generation (lorakit/decoding.py)
+uses a key/value cache and accepts left-padded batches.
 """
 
 import inspect
@@ -29,8 +28,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lora import LoRALinear, mark_only_lora_as_trainable
-from lorakit.adapters import apply_lora_settings, is_lora_param, parameter_summary
+from lorakit import decoding
+from lorakit.adapters import apply_lora_settings, is_lora_param
+# BEGIN SOLUTION model.py attention
+# STUB: # TODO (model.py attention, in CausalSelfAttention below): import LoRALinear from lora.py to use there.
+from lora import LoRALinear
+# END SOLUTION
 
 # shapes of OpenAI's four GPT-2 checkpoints, for counting parameters without downloading them
 PRETRAINED_SHAPES = {
@@ -336,119 +339,22 @@ class GPT(nn.Module):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas,
                                  **(dict(fused=True) if fused else {}))
 
-    # --- inference: a key/value cache, left-padded batches, a shared prefix, label-word probabilities ---
-
-    @staticmethod
-    def _attention_mask(key_mask, T):
-        """(B, 1, T, S) bool for the last T of S positions: causal, and never onto padding."""
-        S = key_mask.size(1)
-        qpos = torch.arange(S - T, S, device=key_mask.device)[:, None]
-        kpos = torch.arange(S, device=key_mask.device)[None, :]
-        mask = (kpos <= qpos) & key_mask[:, None, :]
-        # a padding position has no real key before it; letting it see itself avoids a softmax over
-        # nothing (NaN), and its output is never seen by a real position
-        return (mask | (kpos == qpos))[:, None]
-
-    def _next_logits(self, x, key_mask, padded, past=None):
-        """Logits (B, vocab) after the last of x's positions, and the new cache; key_mask covers cache + x."""
-        T = x.size(1)
-        pos = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # left padding: real tokens count from 0
-        mask = self._attention_mask(key_mask, T) if padded else None
-        h, past = self.hidden_states(x, pos, mask, past, start=T - 1)
-        # (vocab, C) @ (C, B), transposed: on CPU 1.7x as fast as F.linear for a batch of 32 rows
-        return (self.lm_head.weight @ h[:, -1, :].T).T.float(), past
-
-    def _after_token(self, token, key_mask, padded, past):
-        """(logits, key mask, cache) once every row has one more token (B, 1): a new token is never padding."""
-        key_mask = torch.cat((key_mask, torch.ones_like(token, dtype=torch.bool)), dim=1)
-        logits, past = self._next_logits(token, key_mask, padded, past)
-        return logits, key_mask, past
-
-    @torch.no_grad()
-    def prefix_cache(self, ids):
-        """
-        Keys and values of token ids that begin every prompt (an instruction, few-shot examples), for
-        generate and continuation_logprobs: the prefix is computed once instead of once per row.
-        """
-        idx = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head.weight.device)[None]
-        assert 0 < idx.size(1) < self.config.block_size, "a prefix must be shorter than the block size"
-        return self.hidden_states(idx, start=idx.size(1) - 1)[1]
-
-    @staticmethod
-    def _continue(idx, attention_mask, prefix):
-        """(key mask over prefix + idx, cache of every row) for rows of idx that follow prefix."""
-        key_mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if prefix is None:
-            return key_mask, None
-        B, P = idx.size(0), prefix[0][0].size(2)
-        key_mask = torch.cat((key_mask.new_ones(B, P), key_mask), dim=1)
-        return key_mask, [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix]
-
-    @torch.no_grad()
-    def continuation_logprobs(self, idx, continuations, attention_mask=None, prefix=None):
-        """
-        (B, K) log-probability of each of K continuations (lists of token ids, such as the label words)
-        after each (left-padded) row of idx: the rows once, then each continuation token by token from
-        their cache. The rows continue prefix (from prefix_cache) if given.
-        """
-        key_mask, past = self._continue(idx, attention_mask, prefix)
-        padded = not bool(key_mask.all())
-        logits, past = self._next_logits(idx, key_mask, padded, past)
-        after_rows = logits.log_softmax(dim=-1)
-        out = []
-        for ids in continuations:
-            logprob, cache, mask = after_rows[:, ids[0]], past, key_mask
-            for prev, token in zip(ids, ids[1:]):
-                logits, mask, cache = self._after_token(idx.new_full((idx.size(0), 1), prev), mask, padded, cache)
-                logprob = logprob + logits.log_softmax(dim=-1)[:, token]
-            out.append(logprob)
-        return torch.stack(out, dim=1)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attention_mask=None, generator=None,
-                 prefix=None):
-        """
-        Continue each row of idx (B, T) by max_new_tokens tokens. Rows may be left-padded: then
-        attention_mask (B, T) is 1 on real tokens and 0 on padding. temperature=0 is greedy decoding.
-        With prefix (from prefix_cache) the rows continue that prefix, which is not part of idx or
-        of what is returned. Prompts longer than block_size - max_new_tokens keep their last tokens.
-        """
-        keep = self.config.block_size - max_new_tokens - (0 if prefix is None else prefix[0][0].size(2))
-        assert keep > 0, "max_new_tokens and the prefix leave no room for a prompt in the block size"
-        idx = idx[:, -keep:]
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, -keep:]
-        key_mask, past = self._continue(idx, attention_mask, prefix)
-        padded = not bool(key_mask.all())  # new tokens are never padding: decided once
-        logits, past = self._next_logits(idx, key_mask, padded, past)
-        out = idx
-        for i in range(max_new_tokens):
-            idx_next = sample(logits, temperature, top_k, generator)
-            out = torch.cat((out, idx_next), dim=1)
-            if i + 1 < max_new_tokens:
-                logits, key_mask, past = self._after_token(idx_next, key_mask, padded, past)
-        return out
-
-
-def sample(logits, temperature=1.0, top_k=None, generator=None):
-    """The next token (B, 1) from logits (B, vocab): the likeliest at temperature 0, else drawn from the top_k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    # inference with a key/value cache, left-padded batches and a shared prefix (lorakit/decoding.py)
+    generate = decoding.generate
+    continuation_logprobs = decoding.continuation_logprobs
+    prefix_cache = decoding.prefix_cache
 
 
 def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
-    """parameter_summary of a GPT-2 shape with LoRA of this rank, built on the meta device (no weights)."""
+    """(trainable, total, percent trainable) of a GPT-2 shape with LoRA of this rank, built on the meta device (no
+    weights): LoRA trains its A and B matrices, rank 0 every parameter."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank),
                               lora_targets=lora_targets))
-    if lora_rank > 0:
-        mark_only_lora_as_trainable(model)
-    return parameter_summary(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for n, p in model.named_parameters() if is_lora_param(n, "lora_A", "lora_B")) \
+        if lora_rank > 0 else total
+    return trainable, total, 100.0 * trainable / total
 
 
 def print_parameter_table(argv):

@@ -25,18 +25,21 @@ from types import SimpleNamespace
 
 import torch
 
-from lorakit.checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
-                        read_checkpoint, resume_notes, save_checkpoint, saved_settings)
-from lorakit.common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
 from configurator import ConfigError, Settings, check, configure, one_of, run_cli, settings_of
 from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
-from lorakit.distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like, stop_requested,
-                         stops_deferred, wrap)
-from lora import mark_only_lora_as_trainable
 from lorakit.adapters import (VARIANTS_MISSING, evaluating, parameter_summary, pissa_iterations, train_adapter_extras,
-                             variants, variants_needed)
-from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
+                              variants, variants_needed)
+from lorakit.checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
+                                read_checkpoint, resume_notes, save_checkpoint, saved_settings)
+from lorakit.common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
+from lorakit.distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like,
+                                 stop_requested, stops_deferred, wrap)
 from lorakit.runlog import RunLog, duration, method, read_logs, setup_lines
+from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
+# BEGIN SOLUTION train.py LoRA
+# STUB: # TODO (train.py LoRA, in build_model below): import mark_only_lora_as_trainable from lora.py to use there.
+from lora import mark_only_lora_as_trainable
+# END SOLUTION
 
 # The settings below are defaults only: a config file and --key=value flags override them (with
 # init_from=resume, the run's own settings do), and the run reads the result as c.<name>.

@@ -17,10 +17,10 @@ from dataclasses import asdict
 
 import torch
 
-from lorakit.common import error_summary, read_json, save_atomic
 from configurator import ConfigError
-from lorakit.distributed import non_finite_parameter, whole
 from lorakit.adapters import is_lora_param, lora_state_dict, variants
+from lorakit.common import error_summary, read_json, save_atomic
+from lorakit.distributed import non_finite_parameter, whole
 from model import GPT, OVERRIDABLE, GPTConfig
 
 

@@ -15,7 +15,7 @@ def test_run_all_works_after_setting_only_the_way_in(tiny_ckpt, reviews, tmp_pat
     nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
     nbformat.validate(nb)
     for name in os.listdir(ROOT):  # a working copy whose outputs land in tmp_path
-        if name.endswith(".py") or name in ("configs", "bench", "requirements.txt"):
+        if name.endswith(".py") or name in ("configs", "bench", "lorakit", "requirements.txt"):
             os.symlink(ROOT / name, tmp_path / name)
     first = next(c for c in nb.cells if c.cell_type == "code")
     settings = {'WAY_IN = "drive"': 'WAY_IN = "here"', "QUICK = False": "QUICK = True",
@@ -40,7 +40,7 @@ def test_run_all_stops_at_the_first_failed_command(tmp_path):
     first = next(c for c in nb.cells if c.cell_type == "code")
     first.source = first.source.replace('WAY_IN = "drive"', 'WAY_IN = "here"')
     for name in os.listdir(ROOT):
-        if name.endswith(".py") or name in ("configs", "bench", "requirements.txt"):
+        if name.endswith(".py") or name in ("configs", "bench", "lorakit", "requirements.txt"):
             os.symlink(ROOT / name, tmp_path / name)
     nb.cells = [first, nbformat.v4.new_code_cell('run("python train.py --max_iters=-1")'),
                 nbformat.v4.new_code_cell('print("went on")')]

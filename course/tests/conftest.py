@@ -21,8 +21,25 @@ TASKS = {
 }
 
 
+# one pytest marker per task, to run one task's tests: python -m pytest -m lora_forward
+MARKERS = {
+    "LoRALinear.__init__": "lora_init", "LoRALinear.reset_parameters": "lora_reset", "LoRALinear.forward": "lora_forward",
+    "LoRALinear.train": "lora_train", "LoRALinear.eval": "lora_eval", "mark_only_lora_as_trainable": "mark_only",
+    "model.py attention": "model_attention", "CustomDataLoader._add_instruction_finetuning": "instruction",
+    "train.py LoRA": "train_lora", "ModelSampler.get_accuracy": "get_accuracy",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "task(name): the handout TODO a test grades (course/tests/conftest.py TASKS)")
+    for task, marker in MARKERS.items():
+        config.addinivalue_line("markers", f"{marker}: the tests of {task}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for mark in item.iter_markers("task"):
+            item.add_marker(MARKERS[mark.args[0]])
 
 
 def save_gpt2(path, seed=0, answer=None):
