@@ -10,20 +10,21 @@ the model generates after the prompt it was trained on.
     python generate.py --init_from=gpt2-medium --prompt_template=bare --label_words=bad,good --out_dir=gpt2-medium-zero-shot-bare
     python generate.py --init_from=gpt2-medium --prompt="Q: Is the sky blue? A:" --max_new_tokens=40
 
-The prompt is the run's own (resume: the prompt_template and label_words it was trained with) or
-the homework's instruction. A prediction is the label word (positive / negative by default) that the
-continuation starts with, ignoring leading whitespace and case; a continuation that starts with
-neither, or also names the other label, is wrong and counts as unparseable. mode=score instead
-compares the probabilities of the two label words (all of their tokens) after the prompt.
-num_samples=N evaluates N reviews drawn at random (seeded) with each label in its share of the split. Writes out_dir/results.json (with the
-positions of the reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one
-review a line) classifies those texts instead and writes nothing: for each, the label the model
-generates and the probabilities of the two label words after its prompt. prompt prints the model's
-continuation of a text of your own (few-shot or chain-of-thought prompts) and writes nothing.
+The prompt is the run's own (resume: the prompt it was trained with) or dataloader.py's instruction,
+read off its _add_instruction_finetuning. A review counts as right when the continuation starts with
+its label word (get_accuracy); mode=score instead compares the probabilities of the two label words
+(all of their tokens) after the prompt. num_samples=N evaluates N reviews drawn at random (seeded)
+with each label in its share of the split. Writes out_dir/results.json (with the positions of the
+reviews evaluated) and out_dir/predictions.jsonl. review (or reviews_file, one review a line) prints
+what the model generates for those texts and the probabilities of the two label words, and writes
+nothing; prompt prints the model's continuation of a text of your own and writes nothing.
 """
 
 import json
 import os
+# BEGIN SOLUTION ModelSampler.get_accuracy
+import re
+# END SOLUTION
 import sys
 import time
 from functools import partial
@@ -32,12 +33,12 @@ import torch
 from tqdm import tqdm
 
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
-from dataloader import (DEFAULT_LABEL_WORDS, EVAL_MODES, ROTTEN_TOMATOES, Prompt, few_shot_demonstrations, left_pad,
-                        load_splits, prompt_errors, stratified_subset)
 from lorakit.adapters import merge_lora
 from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding,
                             hold_out_dir, pick_device, pick_dtype, read_json, save_atomic, write_json)
+from lorakit.data import EVAL_MODES, ROTTEN_TOMATOES, left_pad, load_splits, stratified_subset
+from lorakit.prompts import OWN, few_shot_demonstrations, own_instruction, pick_prompt, prompt_errors
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -50,8 +51,8 @@ batch_size = 32
 mode = 'generate'  # 'generate': generate and match the label word; 'score': compare the two label words' probabilities
 prompt_style = 'zero_shot'  # 'zero_shot': the instruction alone; 'few_shot': num_shots solved examples first
 num_shots = 4  # few-shot demonstrations, balanced between the labels, drawn from the train split
-prompt_template = ''  # '': the run's own (resume), else 'instruct'; see train.py
-label_words = ''  # '': the run's own (resume), else 'negative,positive'; see train.py
+prompt_template = ''  # '': the run's own (resume), else 'instruct', dataloader.py's; see train.py
+label_words = ''  # '': the run's own (resume), else dataloader.py's; see train.py
 max_new_tokens = 5
 temperature = 0.0  # 0: greedy decoding; > 0: sampling
 top_k = 0  # with sampling: keep the top_k most likely tokens; 0: all
@@ -78,7 +79,7 @@ def check_settings(c):
         one_of('mode', c.mode, EVAL_MODES),
         one_of('prompt_style', c.prompt_style, ('zero_shot', 'few_shot')),
         (c.prompt_style == 'few_shot' and c.num_shots < 1, f"num_shots must be >= 1 for few_shot, not {c.num_shots}"),
-        *prompt_errors(c.prompt_template or 'instruct', c.label_words or DEFAULT_LABEL_WORDS),
+        *prompt_errors(c.prompt_template or OWN, c.label_words),
     ])
 
 
@@ -107,16 +108,31 @@ def load_data(dataset, splits):
     return as_config_error(load_splits, dataset, splits) if splits else None
 
 
-def pick_prompt(c, trained):
-    """The Prompt: this command's prompt_template and label_words, else the run's, else the defaults."""
-    run = (trained.get('prompt_template', 'instruct'), trained.get('label_words', DEFAULT_LABEL_WORDS))
+def run_prompt(c, trained, enc):
+    """The Prompt: this command's prompt_template and label_words, else the run's, else dataloader.py's own (read
+    off its _add_instruction_finetuning, the course's API)."""
+    run = (trained.get('prompt_template', OWN), trained.get('label_words', ''))
     template, words = c.prompt_template or run[0], c.label_words or run[1]
+    prompt = as_config_error(pick_prompt, template, words, own_instruction(enc))
     if trained and (template, words) != run:
-        print(f"note: asking with prompt_template={template!r} label_words={words!r}; the run was trained with "
-              f"{run[0]!r} and {run[1]!r}")
-    return as_config_error(Prompt, template, words)
+        print(f"note: asking with prompt_template={prompt.template!r} label_words={prompt.label_words!r}; the run was "
+              f"trained with {run[0]!r} and {run[1]!r}")
+    return prompt
 
 
+# BEGIN SOLUTION ModelSampler.get_accuracy
+def read_label(generation, words):
+    """The label (0 or 1) whose word a generation starts with, ignoring leading whitespace and case; None when it
+    starts with neither, or names the other label after it (" positive, not negative")."""
+    for label, word in enumerate(words):
+        m = re.match(rf"\s*{re.escape(word)}(?!\w)", generation, re.IGNORECASE)
+        if m:
+            other = re.escape(words[1 - label])
+            return None if re.search(rf"(?<!\w){other}(?!\w)", generation[m.end():], re.IGNORECASE) else label
+    return None
+
+
+# END SOLUTION
 class ModelSampler:
     """
     The starter's ModelSampler(out_dir, init_from, device, max_new_tokens, temperature, top_k), in that
@@ -143,8 +159,8 @@ class ModelSampler:
         self.enc, model, data = fetch_inputs(gpt2_encoding, partial(load_model, c, ckpt),
                                              partial(load_data, self.dataset, splits))
         del ckpt
-        self.prompt = pick_prompt(c, trained)
-        self.label_ids = [self.enc.encode_ordinary(self.prompt.answer(y)) for y in (0, 1)]  # one or more tokens each
+        self.prompt = None if c.prompt else run_prompt(c, trained, self.enc)  # a free text needs no template
+        self.label_ids = [self.enc.encode_ordinary(self.prompt.answer(y)) for y in (0, 1)] if self.prompt else []
         self._check_lengths(model.config.block_size)
         # each LoRA layer's eval() merges its update into W: inference costs what the model without LoRA costs
         self.model = merge_lora(model.to(self.device).eval()).use_fast_gelu(self.device == 'cpu')
@@ -152,10 +168,10 @@ class ModelSampler:
             self.split_size = len(data[c.split])
             self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
             self.records = data[c.split].select(self.indices)
-        self.demonstrations = self._demonstrations(data) if c.prompt_style == 'few_shot' else ()
+        self.demonstrations = self._demonstrations(data) if c.prompt_style == 'few_shot' and self.prompt else ()
 
     def _check_lengths(self, block):
-        c, longest = self.settings, max(map(len, self.label_ids))
+        c, longest = self.settings, max(map(len, self.label_ids), default=0)
         if c.mode == 'generate' and c.max_new_tokens < longest:
             raise ConfigError(f"label_words={self.prompt.label_words!r} has a word of {longest} tokens, more than "
                               f"max_new_tokens={c.max_new_tokens} can generate; use --max_new_tokens={longest + 2}")
@@ -207,7 +223,7 @@ class ModelSampler:
         # STUB: raise NotImplementedError("ModelSampler.get_accuracy")
         prompts = [self.prompt_ids(r['text']) for r in self.records]
         generations = self.generations(prompts, progress)  # in batches; the shared prompt start computed once
-        predicted = [self.prompt.parse(g) for g in generations]  # 0, 1, or None when unparseable
+        predicted = [read_label(g, self.prompt.words) for g in generations]  # 0, 1, or None when unparseable
         correct = sum(p == r['label'] for p, r in zip(predicted, self.records))
         # what predictions.jsonl holds, one review a line (write_results)
         self.results = [dict(text=r['text'], label=r['label'], prompt=self.enc.decode(ids), generation=g,
@@ -267,14 +283,14 @@ class ModelSampler:
             return head[:n], self.model.prefix_cache(head[:n])
 
     def classify(self, texts):
-        """(label word or None, P(label 0's word), P(label 1's word)) of each text: the label it generates,
-        and the probabilities of the label words (all their tokens) as what follows its prompt."""
+        """(continuation, P(label 0's word), P(label 1's word)) of each text: what the model generates after its
+        prompt, and the probabilities of the label words (all their tokens) as what follows it."""
         prompts = [self.prompt_ids(t) for t in texts]
-        labels = [self.prompt.parse(g) for g in self._continuations(prompts)]
+        generations = self._continuations(prompts)
         idx, mask = self._left_pad(prompts)
         with self.ctx:
             probs = self.model.continuation_logprobs(idx, self.label_ids, mask).exp().tolist()
-        return [(None if y is None else self.prompt.words[y], *p) for y, p in zip(labels, probs)]
+        return [(g, *p) for g, p in zip(generations, probs)]
 
     def write_results(self, out_dir, accuracy, seconds):
         """results.json of get_accuracy()'s answer and the seconds it took, and the predictions.jsonl it kept,
@@ -349,8 +365,8 @@ def main(argv):
         texts = own_reviews(c)
         sampler = ModelSampler(**c)
         negative, positive = sampler.prompt.words
-        for text, (label, p_neg, p_pos) in zip(texts, sampler.classify(texts)):
-            print(f"{label or 'unparseable':<11}  P({negative}) {p_neg:.3g}  P({positive}) {p_pos:.3g}  {text}")
+        for text, (generation, p_neg, p_pos) in zip(texts, sampler.classify(texts)):
+            print(f"P({negative}) {p_neg:.3g}  P({positive}) {p_pos:.3g}  generates {generation!r}  {text}")
         return None
     with hold_out_dir(c.out_dir, command_line()):  # before the work: results that cannot be written stop it now
         sampler = ModelSampler(**c)

@@ -30,7 +30,8 @@ import time
 
 from lorakit.common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
 from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
-from dataloader import DEFAULT_LABEL_WORDS, EVAL_MODES, TEMPLATES, prompt_errors, split_label_words
+from lorakit.data import EVAL_MODES
+from lorakit.prompts import OWN, TEMPLATES, prompt_errors, split_label_words
 from model import LORA_SCALINGS, LORA_TARGETS
 
 # -----------------------------------------------------------------------------
@@ -47,8 +48,8 @@ targets = 'attn'  # LoRA targets to compare, comma-separated: attn, qv, attn_mlp
 variants = 'lora'  # LoRA variants to compare, comma-separated: lora, dora (DoRA), pissa (PiSSA's start)
 scalings = 'standard'  # LoRA scaling rules to compare: standard (alpha / r), rslora (alpha / sqrt(r))
 lora_plus_ratios = '1'  # LoRA+ ratios to compare (B's learning rate over A's); 1: plain LoRA
-templates = 'instruct'  # prompt templates to compare: names (instruct, bare, question, choices), or one text with {review}
-label_words = 'negative,positive'  # label-word pairs to compare, ';'-separated: 'negative,positive;bad,good'
+templates = 'instruct'  # prompt templates to compare: names (instruct: dataloader.py's own; bare, question, choices), or one text with {review}
+label_words = ''  # label-word pairs to compare, ';'-separated: ';bad,good' (an empty pair: dataloader.py's own)
 lora_lr = 5e-4
 full_finetune = True  # also fine-tune every parameter (lora_rank=0)
 full_lr = 1e-4  # every weight moves, and moves far at LoRA's rate: 5x lower
@@ -108,16 +109,17 @@ def lora_variants(c):
 def prompt_choices(c):
     """(template, label words) of every prompt the grid compares."""
     templates = [c.templates] if '{review}' in c.templates else [t.strip() for t in c.templates.split(',') if t.strip()]
-    return list(itertools.product(templates, [w.strip() for w in c.label_words.split(';') if w.strip()]))
+    words = list(dict.fromkeys(w.strip() for w in c.label_words.split(';')))  # '': dataloader.py's own
+    return list(itertools.product(templates, words))
 
 
 def prompt_variant(template, words):
     """(name suffix, description, flags) of a prompt choice; nothing for the homework's."""
     suffix, what, flags = '', [], []
-    if template != 'instruct':
+    if template != OWN:
         name = template if template in TEMPLATES else 'custom'
         suffix, what, flags = f'-{name}', [f'template {name}'], [f'--prompt_template={template}']
-    if words != DEFAULT_LABEL_WORDS:
+    if words:
         pair = split_label_words(words)
         suffix += ''.join('-' + re.sub(r'[^A-Za-z0-9]+', '_', w) for w in pair)
         what, flags = what + ['/'.join(pair)], flags + [f'--label_words={words}']

@@ -25,15 +25,16 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import ConfigError, Settings, check, configure, one_of, run_cli, settings_of
-from dataloader import LOSS_ON, CustomDataLoader, Prompt, load_splits, prompt_errors
+from configurator import ConfigError, Settings, check, configure, one_of, override, run_cli, settings_of
 from lorakit.adapters import (VARIANTS_MISSING, evaluating, parameter_summary, pissa_iterations, train_adapter_extras,
                               variants, variants_needed)
 from lorakit.checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,
                                 read_checkpoint, resume_notes, save_checkpoint, saved_settings)
+from lorakit.data import LOSS_ON, Batches, load_splits
 from lorakit.common import as_config_error, command_line, fetch_inputs, get_lr, gpt2_encoding, hold_out_dir
 from lorakit.distributed import (all_reduce, finish, gradient_scaler, optimized, setup_runtime, shard, sharded_like,
                                  stop_requested, stops_deferred, wrap)
+from lorakit.prompts import OWN, own_instruction, pick_prompt, prompt_errors
 from lorakit.runlog import RunLog, duration, method, read_logs, setup_lines
 from model import GPT, LORA_SCALINGS, LORA_TARGETS, LORA_VARIANTS, OVERRIDABLE, GPTConfig, target_positions
 # BEGIN SOLUTION train.py LoRA
@@ -61,8 +62,8 @@ wandb_run_name = ''  # '' names the run after rank, alpha and learning rate
 # data
 dataset = 'cornell-movie-review-data/rotten_tomatoes'  # hub id or local directory of split files
 loss_on = 'label'  # 'label': learn the answer only; 'all': the whole text, as the handout does
-prompt_template = 'instruct'  # instruct (the homework's), bare, question, choices, or a text with {review} (dataloader.py)
-label_words = 'negative,positive'  # the answers for label 0 and 1, comma-separated: words or phrases (bad,good)
+prompt_template = 'instruct'  # instruct: dataloader.py's own; bare, question, choices, or a text with {review} (lorakit/prompts.py)
+label_words = ''  # the answers for label 0 and 1, comma-separated, words or phrases (bad,good); '': dataloader.py's own
 batch_size = 16
 gradient_accumulation_steps = 1
 bucket = 32  # batch reviews of similar length, drawn from windows of this many batches (little padding); 0: random batches
@@ -252,13 +253,21 @@ def prepare_training(c, rt, raw_model, ckpt):
 
 # --- the data ---------------------------------------------------------------------------------------
 
-def make_loaders(c, rt, data, enc, block_size):
+def run_prompt(c, enc):
+    """The run's Prompt and what writes its texts: dataloader.py's _add_instruction_finetuning (the course's API)
+    where the run asks the homework's own prompt, else the Prompt's."""
+    own = own_instruction(enc)
+    prompt = as_config_error(pick_prompt, c.prompt_template, c.label_words, own)
+    return prompt, own if c.prompt_template == OWN and not c.label_words else prompt.instruction
+
+
+def make_loaders(c, rt, data, enc, block_size, prompt, add_instruction):
     """Batches of the train and validation splits, this process's share of each."""
-    loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=block_size, loss_on=c.loss_on, seed=c.seed,
-                  bucket=c.bucket, pad_multiple=c.pad_multiple or (32 if c.compile else 1),
-                  prompt=Prompt(c.prompt_template, c.label_words))
-    return (as_config_error(CustomDataLoader, data['train'], rank=rt.rank, world_size=rt.world, **loader),
-            as_config_error(CustomDataLoader, data['validation'], rank=rt.rank, world_size=rt.world, **loader))
+    options = dict(tokenizer=enc, batch_size=c.batch_size, add_instruction=add_instruction, prompt=prompt,
+                   block_size=block_size, loss_on=c.loss_on, seed=c.seed, bucket=c.bucket,
+                   pad_multiple=c.pad_multiple or (32 if c.compile else 1), rank=rt.rank, world_size=rt.world)
+    return (as_config_error(Batches, data['train'], **options),
+            as_config_error(Batches, data['validation'], **options))
 
 
 def label_positions(y, c, device, compiled=False):
@@ -304,8 +313,8 @@ class Trainer:
     model: torch.nn.Module  # raw_model as it trains: compiled, under DDP (FSDP shards raw_model itself)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    train_loader: CustomDataLoader
-    val_loader: CustomDataLoader = None
+    train_loader: Batches
+    val_loader: Batches = None
     progress: Progress = None
     log: RunLog = None  # rank 0's; None elsewhere
     saved: bool = False  # a checkpoint was saved in this run
@@ -476,7 +485,10 @@ def run(c, ckpt, rt):
                       f"to train on)")
     model, optimizer, scaler = prepare_training(c, rt, raw_model, ckpt)
     del ckpt
-    train_loader, val_loader = make_loaders(c, rt, data, enc, raw_model.config.block_size)
+    prompt, add_instruction = run_prompt(c, enc)
+    # saved with the run as the text it is: evaluation asks exactly this, whatever dataloader.py says later
+    c = override(c, dict(prompt_template=prompt.template, label_words=prompt.label_words)).frozen()
+    train_loader, val_loader = make_loaders(c, rt, data, enc, raw_model.config.block_size, prompt, add_instruction)
     info = dict(base_model=base_model, trainable_params=trainable, total_params=total, trainable_pct=pct,
                 device=rt.device, dtype=rt.dtype, world_size=rt.world, config=dict(c))
     log = RunLog(c, progress, info, read_logs(c, progress.iter_num)) if rt.master else None

@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)
 
 from lorakit.common import pick_device, save_atomic, write_json  # noqa: E402
 from configurator import configure, run_cli, settings_of  # noqa: E402
-from dataloader import CustomDataLoader, load_splits  # noqa: E402
+from dataloader import CustomDataLoader  # noqa: E402
+from lorakit.data import load_splits  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
 from lorakit.adapters import lora_state_dict  # noqa: E402
 from model import GPT, GPTConfig, target_positions  # noqa: E402
@@ -80,7 +81,7 @@ def flops_per_token(base, c, dev):
     """FLOPs of forward and backward per input token of the default run's step, counted on 5 batches."""
     torch.manual_seed(0)
     model = mark_only_lora_as_trainable(GPT.from_pretrained(base, dict(lora_rank=128, lora_alpha=512.0))).to(dev)
-    loader = CustomDataLoader(load_splits(c.dataset)['train'], tiktoken.get_encoding('gpt2'), 16)
+    loader = CustomDataLoader(load_splits(c.dataset)['train'], tiktoken.get_encoding('gpt2'), 16).batches
     flops = tokens = 0
     for i in range(5):
         x, y = loader.get_batch(i)

@@ -36,8 +36,11 @@ sys.path.insert(0, ROOT)
 from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from lorakit.common import get_lr, write_json  # noqa: E402
 from configurator import ConfigError, Settings, configure, run_cli, settings_of  # noqa: E402
-from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
+from dataloader import CustomDataLoader  # noqa: E402
+from lorakit.data import left_pad, load_splits, stratified_subset  # noqa: E402
+from lorakit.prompts import own_instruction, prompt_of  # noqa: E402
 from lorakit.variants import pissa_init  # noqa: E402
+from generate import read_label  # noqa: E402
 from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def peft_accuracy(model, c, enc):
     block = model.config.n_positions
     correct = 0
     model.eval()
-    prompt = Prompt()
+    prompt = prompt_of(own_instruction(enc))
     for s in range(0, len(recs), c.eval_batch_size):
         part = recs[s:s + c.eval_batch_size]
         idx, mask = left_pad([prompt.encode(enc, t, block - MAX_NEW_TOKENS) for t in part['text']], enc.eot_token)
@@ -159,7 +162,7 @@ def peft_accuracy(model, c, enc):
                              do_sample=False, pad_token_id=enc.eot_token)
         for label, row in zip(part['label'], out[:, idx.size(1):].tolist()):
             row = row[:row.index(enc.eot_token)] if enc.eot_token in row else row
-            correct += prompt.parse(enc.decode(row)) == label
+            correct += read_label(enc.decode(row), prompt.words) == label
     return correct / len(recs)
 
 
@@ -205,7 +208,7 @@ def main(argv):
     model, start_difference = peft_model(c)
     loader = dict(tokenizer=enc, batch_size=c.batch_size, block_size=model.config.n_positions, loss_on=c.loss_on,
                   seed=c.seed)  # train.py's: the same batches in the same order
-    loaders = CustomDataLoader(data['train'], **loader), CustomDataLoader(data['validation'], **loader)
+    loaders = CustomDataLoader(data['train'], **loader).batches, CustomDataLoader(data['validation'], **loader).batches
     t0 = time.time()
     peft_val = train_peft(c, model, loaders)
     peft_s = time.time() - t0

@@ -49,7 +49,9 @@ from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
 from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from lorakit.common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
-from dataloader import CustomDataLoader, Prompt, left_pad, load_splits, stratified_subset  # noqa: E402
+from dataloader import CustomDataLoader  # noqa: E402
+from lorakit.data import left_pad, load_splits, stratified_subset  # noqa: E402
+from lorakit.prompts import own_instruction, prompt_of  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
 from model import GPT, target_positions  # noqa: E402
 
@@ -86,7 +88,7 @@ def gpt2_small_pair(dev, rank=16, seed=1337):
 def first_batch(c, dev, records, loss_on='label', bucket=32):
     """The first training batch train.py would take, on dev, and its loader."""
     loader = CustomDataLoader(records, tiktoken.get_encoding('gpt2'), c.batch_size, loss_on=loss_on, seed=c.seed,
-                              bucket=bucket)
+                              bucket=bucket).batches
     x, y = (t.to(dev) for t in loader.get_batch(0))
     return x, y, loader
 
@@ -145,7 +147,7 @@ def bench_eval(c, dev):
     test = load_splits(c.dataset, ('test',))['test']
     enc, max_new_tokens, eot = tiktoken.get_encoding('gpt2'), 5, 50256
     texts = test.select(stratified_subset(test['label'], c.eval_reviews, 1337))['text']  # generate.py's reviews
-    prompts = sorted((Prompt().encode(enc, t, hf.config.n_positions - max_new_tokens) for t in texts), key=len)
+    prompts = sorted((prompt_of(own_instruction(enc)).encode(enc, t, hf.config.n_positions - max_new_tokens) for t in texts), key=len)
     out_dir = tempfile.mkdtemp()
 
     def ours(mode):

@@ -4,13 +4,13 @@
 # reviews of 48 tokens on average, forward and backward through 355M weights), so at the 15-25
 # TFLOP/s a T4 sustains at best, 400 steps train in 20-30 s; the evaluations, the 1.5 GB download and
 # loading add a few minutes. Measured on a 2-core CPU: 10-16 s a step at gpt2-medium's shapes, about
-# 1.5-2 hours for the run (docs/performance.md); --init_from=gpt2 does about a third of the work.
+# 1.5-2 hours for the run; --init_from=gpt2 does about a third of the work.
 
 init_from = 'gpt2-medium'
 out_dir = 'gpt-lora-default'
 dataset = 'cornell-movie-review-data/rotten_tomatoes'
-prompt_template = 'instruct'  # or bare, question, choices, or a text with {review} (docs/prompts.md)
-label_words = 'negative,positive'  # label 0's answer, label 1's
+prompt_template = 'instruct'  # dataloader.py's own; or bare, question, choices, or a text with {review} (lorakit/prompts.py)
+label_words = ''  # dataloader.py's own; or label 0's answer and label 1's, comma-separated: bad,good
 
 lora_rank = 128
 lora_alpha = 512.0

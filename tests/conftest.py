@@ -97,3 +97,17 @@ def results_of(sampler):
     """The per-review dicts (text, label, prompt, generation, prediction) of a ModelSampler's get_accuracy()."""
     sampler.get_accuracy(progress=False)
     return sampler.results
+
+
+def batches_of(dataset, tokenizer, batch_size=8, **options):
+    """lorakit.data.Batches of dataloader.py's CustomDataLoader: the texts its _add_instruction_finetuning writes."""
+    from dataloader import CustomDataLoader
+    return CustomDataLoader(dataset, tokenizer, batch_size, **options).batches
+
+
+def homework_prompt():
+    """The Prompt of dataloader.py's own instruction and label words."""
+    import tiktoken
+    from lorakit.prompts import own_instruction, prompt_of
+    return prompt_of(own_instruction(tiktoken.get_encoding("gpt2")))
+

@@ -4,7 +4,9 @@ import tiktoken
 import torch
 
 from configurator import ConfigError, configure
-from dataloader import CustomDataLoader, Prompt, load_splits
+from conftest import batches_of, homework_prompt
+from dataloader import CustomDataLoader
+from lorakit.data import load_splits
 
 DEFAULTS = dict(init_from="gpt2", learning_rate=6e-4, lora_rank=0, lora_alpha=0.0, dropout=0.1,
                 compile=False, top_k=None, out_dir="out")
@@ -52,20 +54,20 @@ def test_default_config_is_the_handouts():
 def test_instruction_text_prompt_and_label_tokens(reviews):
     data = load_splits(reviews)
     loader = CustomDataLoader(data["train"], ENC, batch_size=4)
-    rec = loader._tokenize(loader._add_instruction_finetuning({"text": "a gorgeous film .", "label": 1}))
-    prompt = Prompt().text("a gorgeous film .")
+    rec = loader.batches._tokenize(loader._add_instruction_finetuning({"text": "a gorgeous film .", "label": 1}))
+    prompt = homework_prompt().text("a gorgeous film .")
     assert rec["instr_tuned_text"] == prompt + " positive<|endoftext|>"
     assert not prompt.endswith(" ")
     ids = ENC.encode(rec["instr_tuned_text"], allowed_special={"<|endoftext|>"})
     assert ids == rec["ids"] == ENC.encode(prompt) + [3967, ENC.eot_token]  # " positive" is one token
-    neg = loader._tokenize(loader._add_instruction_finetuning({"text": "a dull film .", "label": 0}))
+    neg = loader.batches._tokenize(loader._add_instruction_finetuning({"text": "a dull film .", "label": 0}))
     assert neg["ids"][-2:] == [4633, ENC.eot_token]  # " negative"
 
 
 @pytest.mark.parametrize("loss_on", ["label", "all"])
 def test_batches_pad_and_mask(reviews, loss_on):
     data = load_splits(reviews)
-    loader = CustomDataLoader(data["train"], ENC, batch_size=5, loss_on=loss_on, shuffle=False)
+    loader = batches_of(data["train"], ENC, batch_size=5, loss_on=loss_on, shuffle=False)
     x, y = loader.get_batch(0)
     for b in range(5):
         ids = loader.records[b]["ids"]
@@ -78,19 +80,19 @@ def test_batches_pad_and_mask(reviews, loss_on):
 
 def test_long_review_is_cut_in_the_review_only():
     long_text = " ".join(["remarkably"] * 400)
-    loader = CustomDataLoader([{"text": long_text, "label": 0}], ENC, batch_size=1, block_size=64)
+    loader = batches_of([{"text": long_text, "label": 0}], ENC, batch_size=1, block_size=64)
     rec = loader.records[0]
     assert len(rec["ids"]) == 65  # block_size inputs + the last target
     text = rec["instr_tuned_text"]
-    assert text.startswith(Prompt().text("")[:40]) and text.endswith("\nSentiment: negative<|endoftext|>")
-    assert len(Prompt().encode(ENC, long_text, 50)) <= 50
+    assert text.startswith(homework_prompt().text("")[:40]) and text.endswith("\nSentiment: negative<|endoftext|>")
+    assert len(homework_prompt().encode(ENC, long_text, 50)) <= 50
 
 
 def test_batches_are_reproducible_and_ranks_split_the_global_batch(reviews):
     data = load_splits(reviews)
-    one = CustomDataLoader(data["train"], ENC, batch_size=8, seed=3)
-    again = CustomDataLoader(data["train"], ENC, batch_size=8, seed=3)
-    halves = [CustomDataLoader(data["train"], ENC, batch_size=4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    one = batches_of(data["train"], ENC, batch_size=8, seed=3)
+    again = batches_of(data["train"], ENC, batch_size=8, seed=3)
+    halves = [batches_of(data["train"], ENC, batch_size=4, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for i in (0, 5, 13):  # 48 examples: batch 13 is in the third epoch
         x, y = one.get_batch(i)
         assert torch.equal(x, again.get_batch(i)[0])
@@ -110,7 +112,7 @@ def test_missing_split_column_or_label(tmp_path, reviews):
     with pytest.raises(ValueError, match="lacks column.s. text"):
         load_splits(str(bad))
     with pytest.raises(ValueError, match="label 2 .* is not 0 .negative. or 1"):
-        CustomDataLoader([{"text": "fine", "label": 2}], ENC)
+        batches_of([{"text": "fine", "label": 2}], ENC)
     with pytest.raises(ValueError, match="cannot load data set"):
         load_splits(str(tmp_path / "nowhere"))
 
@@ -121,8 +123,8 @@ def test_length_bucketing_keeps_padding_low():
     words = ["good", "bad", "remarkably", "tedious", "film", "a", "the", "performance", "story"]
     recs = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 60))), "label": i % 2}
             for i in range(2000)]
-    plain = CustomDataLoader(recs, ENC, batch_size=16, bucket=0)
-    bucketed = CustomDataLoader(recs, ENC, batch_size=16)
+    plain = batches_of(recs, ENC, batch_size=16, bucket=0)
+    bucketed = batches_of(recs, ENC, batch_size=16)
     assert plain.padding_share(60) > 0.25
     assert bucketed.padding_share(60) < 0.05
     epoch = [j for i in range(125) for j in bucketed._picks(i)]

@@ -17,7 +17,8 @@ import train
 from lorakit.common import save_atomic
 from configurator import ConfigError, Settings, configure
 from conftest import ROOT, cli, save_random_hf_gpt2
-from dataloader import CustomDataLoader, check_labels
+from conftest import batches_of
+from lorakit.data import check_labels
 
 
 def flags(base, reviews, out_dir, *more):
@@ -94,7 +95,7 @@ def test_a_review_holding_the_end_of_text_marker_trains_and_is_classified(tiny_c
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     rows = [{"text": "great <|endoftext|> film", "label": 1}, {"text": "dull", "label": 0}]
-    loader = CustomDataLoader(rows, enc, batch_size=2, block_size=64)
+    loader = batches_of(rows, enc, batch_size=2, block_size=64)
     ids = list(loader.records[0]["ids"])
     assert ids.count(enc.eot_token) == 1 and ids[-1] == enc.eot_token  # the review's marker is text, not the token
     generate.main([f"--init_from={tiny_ckpt}", "--review=a <|endoftext|> b", "--device=cpu"])

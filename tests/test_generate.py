@@ -9,8 +9,8 @@ import torch
 import generate
 from configurator import ConfigError
 from conftest import DATA, STANDIN, needs_data, needs_standin, results_of
-from dataloader import Prompt, few_shot_demonstrations
-from generate import ModelSampler, main
+from generate import ModelSampler, main, read_label
+from lorakit.prompts import few_shot_demonstrations
 from lora import mark_only_lora_as_trainable
 from model import GPT
 
@@ -21,11 +21,11 @@ from model import GPT
     (" positive or negative", None), (" negative, not positive", None), ("!!!", None),
 ])
 def test_matching_rule(generation, label):
-    assert Prompt().parse(generation) == label
+    assert read_label(generation, ("negative", "positive")) == label
 
 
 def test_few_shot_demonstrations_are_balanced_and_reproducible(reviews):
-    from dataloader import load_splits
+    from lorakit.data import load_splits
     train_split = load_splits(reviews)["train"]
     a = few_shot_demonstrations(train_split, 6, seed=1)
     assert a == few_shot_demonstrations(train_split, 6, seed=1)
@@ -142,7 +142,7 @@ def test_the_shared_prompt_start_is_computed_once_and_changes_nothing(tiny_ckpt,
     assert [r["generation"] for r in preds] == [sampler._continuations([p])[0] for p in prompts]
 
 
-def test_own_reviews_get_a_label_and_two_probabilities_and_nothing_is_written(tiny_ckpt, tmp_path, capsys):
+def test_own_reviews_get_a_generation_and_two_probabilities_and_nothing_is_written(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("a dull , lifeless mess\n\nan absolute joy to watch\n")
     generate.main([f"--init_from={tiny_ckpt}", "--review=an utterly charmless film", "--device=cpu",
                    f"--reviews_file={tmp_path / 'mine.txt'}", f"--out_dir={tmp_path / 'out'}"])
@@ -150,8 +150,8 @@ def test_own_reviews_get_a_label_and_two_probabilities_and_nothing_is_written(ti
     assert [line.split("  ")[-1] for line in lines] == ["an utterly charmless film", "a dull , lifeless mess",
                                                         "an absolute joy to watch"]
     for line in lines:
-        label, neg, pos = re.match(r"(\w+) +P\(negative\) (\S+) +P\(positive\) (\S+)", line).groups()
-        assert label in ("negative", "positive", "unparseable") and 0 < float(neg) + float(pos) <= 1
+        neg, pos, generation = re.match(r"P\(negative\) (\S+) +P\(positive\) (\S+) +generates ('.*'|\".*\")", line).groups()
+        assert 0 < float(neg) + float(pos) <= 1 and generation
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="cannot read reviews_file .*: No such file or directory"):
         generate.main([f"--init_from={tiny_ckpt}", f"--reviews_file={tmp_path / 'none.txt'}", "--device=cpu"])

@@ -13,19 +13,21 @@ import sweep
 import train
 from configurator import ConfigError, configure
 from conftest import ROOT
-from dataloader import CustomDataLoader, Prompt, load_splits
+from generate import read_label
+from lorakit.data import Batches, load_splits
+from lorakit.prompts import Prompt, own_instruction, pick_prompt
 
 ENC = tiktoken.get_encoding("gpt2")
 
 
 def test_templates_put_the_label_words_in_and_few_shot_examples_repeat_the_review_paragraph():
-    p = Prompt("instruct", "bad,good")
-    assert p.text("a gem") == "Classify the sentiment of the movie review as good or bad.\n\nReview: a gem\nSentiment:"
+    p = pick_prompt("instruct", "bad,good", own_instruction(ENC))  # dataloader.py's instruction, other words
+    assert p.text("a gem") == "Classify the sentiment of the movie review as positive or negative.\n\nReview: a gem\nSentiment:"
     shots = p.text("a gem", [("dull", 0), ("fun", 1)])
     assert shots.count("Classify") == 1 and shots.count("Review:") == 3 and "Sentiment: bad\n\nReview: fun" in shots
     custom = Prompt("Is '{review}' liked?", "no,yes")
     assert custom.text("it", [("ok", 1)]) == "Is 'ok' liked? yes\n\nIs 'it' liked?"
-    assert Prompt("bare").text("a {negative} {review} film") == "Review: a {negative} {review} film\nSentiment:"
+    assert Prompt("bare", "negative,positive").text("a {negative} {review} film") == "Review: a {negative} {review} film\nSentiment:"
 
 
 @pytest.mark.parametrize("generation, label", [
@@ -33,12 +35,12 @@ def test_templates_put_the_label_words_in_and_few_shot_examples_repeat_the_revie
     (" good", None),
 ])
 def test_a_phrase_is_read_as_a_whole(generation, label):
-    assert Prompt("bare", "very bad,very good").parse(generation) == label
+    assert read_label(generation, ("very bad", "very good")) == label
 
 
 def test_one_word_inside_the_other_is_fine_when_neither_begins_the_other():
-    p = Prompt("bare", "not bad,bad")
-    assert (p.parse(" not bad at all"), p.parse(" bad"), p.parse(" bad, not bad")) == (0, 1, None)
+    words = ("not bad", "bad")
+    assert [read_label(g, words) for g in (" not bad at all", " bad", " bad, not bad")] == [0, 1, None]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -61,10 +63,10 @@ def test_bad_templates_and_label_words_are_one_line_before_any_work(flags, messa
 
 def test_a_multi_token_label_is_the_whole_answer_the_loss_falls_on(reviews):
     prompt = Prompt("bare", "very bad,very good")
-    loader = CustomDataLoader(load_splits(reviews)["train"], ENC, batch_size=4, prompt=prompt)
+    loader = Batches(load_splits(reviews)["train"], ENC, batch_size=4, prompt=prompt)
     answer = ENC.encode(" very good")
     assert len(answer) == 2 and ENC.encode(" very bad")[0] == answer[0]  # the labels share their first token
-    rec = loader._tokenize(loader._add_instruction_finetuning({"text": "a gem", "label": 1}))
+    rec = loader._tokenize(prompt.instruction({"text": "a gem", "label": 1}))
     assert rec["ids"] == ENC.encode("Review: a gem\nSentiment:") + answer + [ENC.eot_token] and rec["n_answer"] == 3
     _, y = loader.collate([rec])
     assert y[0][y[0] != -1].tolist() == answer + [ENC.eot_token]
@@ -97,12 +99,12 @@ def test_own_reviews_with_phrases_get_probabilities_of_the_whole_phrases(tiny_ck
     generate.main([f"--init_from={tiny_ckpt}", "--review=an utterly charmless film", "--device=cpu",
                    "--label_words=very bad,very good"])
     line = capsys.readouterr().out.strip()
-    label, bad, good = re.match(r"(.+?) +P\(very bad\) (\S+) +P\(very good\) (\S+)", line).groups()
-    assert label in ("very bad", "very good", "unparseable") and 0 < float(bad) + float(good) <= 1
+    bad, good = re.match(r"P\(very bad\) (\S+) +P\(very good\) (\S+) +generates ", line).groups()
+    assert 0 < float(bad) + float(good) <= 1
 
 
 def test_the_sweep_grids_over_templates_and_label_words():
-    c = configure(sweep.DEFAULTS, ["--templates=instruct,bare", "--label_words=negative,positive;bad,good",
+    c = configure(sweep.DEFAULTS, ["--templates=instruct,bare", "--label_words=;bad,good",
                                    "--ranks=16", "--full_finetune=False", "--seeds=1,2"])
     runs = {r["name"]: r for r in sweep.plan(c)}
     assert len(runs) == 4 * 4 and {"zero-shot", "zero-shot-bare-bad-good", "lora-r16-bad-good-seed2"} <= set(runs)

@@ -144,9 +144,9 @@ def test_a_training_step_never_waits_for_the_device():
     # on the meta device a tensor has no values: reading one (.item(), .tolist(), nonzero(), if tensor:)
     # fails, so a step that runs there never makes the host wait for its device
     import tiktoken
-    from dataloader import CustomDataLoader
+    from conftest import batches_of
     model = tiny_lora_model().to("meta")
-    loader = CustomDataLoader(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128)
+    loader = batches_of(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128)
     sums, tokens, grad_norm = trainer(model, loader, "meta", gradient_accumulation_steps=2).step(0)
     assert grad_norm.device.type == "meta" and sums.device.type == "meta"
     assert tokens == sum(int((loader.get_batch(i)[0] != loader.tokenizer.eot_token).sum()) for i in (0, 1))
@@ -158,10 +158,10 @@ def test_a_training_step_never_waits_for_the_device():
 def test_compiled_training_compiles_once_per_padded_length(pad_multiple, most_graphs):
     import tiktoken
     from torch._dynamo.utils import counters
-    from dataloader import CustomDataLoader
+    from conftest import batches_of
     torch._dynamo.reset()
     counters.clear()
-    loader = CustomDataLoader(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128,
+    loader = batches_of(varied_reviews(), tiktoken.get_encoding("gpt2"), 4, block_size=128,
                               pad_multiple=pad_multiple)
     lengths = {loader.get_batch(i)[0].size(1) for i in range(12)}
     model = tiny_lora_model()
@@ -182,8 +182,8 @@ def test_frozen_weights_in_half_precision_train_lora_as_float32_does():
     from lorakit.adapters import merge_lora
     from lorakit.common import autocast
     import tiktoken
-    from dataloader import CustomDataLoader
-    loader = CustomDataLoader(varied_reviews(40), tiktoken.get_encoding("gpt2"), 4, block_size=128)
+    from conftest import batches_of
+    loader = batches_of(varied_reviews(40), tiktoken.get_encoding("gpt2"), 4, block_size=128)
     models = [tiny_lora_model(), tiny_lora_model()]
     models[1].frozen_weights_to(torch.bfloat16)
     attn = models[1].transformer.h[0].attn.c_attn

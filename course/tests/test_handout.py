@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 task = pytest.mark.task
-POSITIVE, NEGATIVE = 3967, 4633  # GPT-2's tokens " positive" and " negative"
 # LoRALinear(4, 3, lora_rank=2, lora_alpha=4.0) built under torch.manual_seed(2024): the starter's draws
 SEEDED_W = [[-0.093904, -0.195501, 0.407318, 0.263732], [0.110117, 0.391379, 0.40895, 0.165173],
             [0.178626, -0.273172, 0.003074, -0.284942]]
@@ -294,26 +293,43 @@ def test_attention_layers_take_the_configs_lora_settings(monkeypatch):
 
 def loader(reviews, **kw):
     import tiktoken
-    from dataloader import CustomDataLoader, load_splits
+    from dataloader import CustomDataLoader
+    from lorakit.data import load_splits
     return CustomDataLoader(load_splits(reviews)["train"], tiktoken.get_encoding("gpt2"), batch_size=4, **kw)
+
+
+def texts(data, review):
+    """The instr_tuned_text of a review with label 0 and with label 1."""
+    return [data._add_instruction_finetuning({"text": review, "label": y})["instr_tuned_text"] for y in (0, 1)]
 
 
 @task("CustomDataLoader._add_instruction_finetuning")
 def test_the_text_is_the_prompt_then_the_label_word_then_end_of_text(reviews):
+    from lorakit.prompts import prompt_of
     data = loader(reviews)
-    pos = data._add_instruction_finetuning({"text": "a gorgeous film", "label": 1})["instr_tuned_text"]
-    neg = data._add_instruction_finetuning({"text": "a dull film", "label": 0})["instr_tuned_text"]
-    assert "a gorgeous film" in pos, f"the prompt must hold the review: {pos!r}"
-    assert pos.endswith("Sentiment: positive<|endoftext|>"), f"label 1 reads ' positive', then end-of-text: {pos[-40:]!r}"
-    assert neg.endswith("Sentiment: negative<|endoftext|>"), f"label 0 reads ' negative', not a number: {neg[-40:]!r}"
+    neg, pos = texts(data, "a gorgeous film")
+    assert "a gorgeous film" in pos and "a dull film" in texts(data, "a dull film")[0], \
+        f"the instruction must hold the review: {pos!r}"
+    assert pos.endswith("<|endoftext|>") and neg.endswith("<|endoftext|>"), \
+        f"the text ends with the label word, then end-of-text (<|endoftext|>): {pos[-40:]!r}"
+    prompt = prompt_of(data._add_instruction_finetuning)  # the words where the two labels' texts part
+    assert all(w.replace(" ", "").isalpha() for w in prompt.words), \
+        f"label 0 and label 1 are answered with words, not {prompt.words}"
+    assert pos.endswith(prompt.words[1] + "<|endoftext|>") and neg.endswith(prompt.words[0] + "<|endoftext|>"), \
+        "the same instruction for both labels, then the label's word"
 
 
 @task("CustomDataLoader._add_instruction_finetuning")
 def test_batches_learn_the_label_word(reviews):
-    x, y = next(iter(loader(reviews).get_loader(shuffle=False)))
+    import tiktoken
+    from lorakit.prompts import prompt_of
+    data = loader(reviews)
+    x, y = next(iter(data.get_loader(shuffle=False)))
     assert x.shape == y.shape and x.shape[0] == 4
+    enc, words = tiktoken.get_encoding("gpt2"), prompt_of(data._add_instruction_finetuning).words
+    answers = [enc.encode_ordinary(" " + words[label]) + [enc.eot_token] for label in (1, 0, 1, 0)]  # the reviews'
     learned = [row[row != -1].tolist() for row in y]
-    assert [r[0] for r in learned] == [POSITIVE, NEGATIVE, POSITIVE, NEGATIVE], "the targets are the label words"
+    assert learned == answers, "the model learns each review's label word and end-of-text"
 
 
 # --- train.py LoRA ----------------------------------------------------------------------------------
@@ -339,20 +355,40 @@ def test_rank_zero_trains_every_weight(tiny_gpt2, reviews):
 
 # --- ModelSampler.get_accuracy ------------------------------------------------------------------------
 
-def sampler(path, reviews, tmp_path):
-    from generate import ModelSampler
-    return ModelSampler(str(tmp_path), path, "cpu", 3, 0.0, 0, dataset=reviews)  # the starter's order
+def sampler(path, reviews, tmp_path, monkeypatch):
+    """generate.py's ModelSampler asking "Review: ...\nSentiment:", answered " bad" or " good": these tests grade
+    get_accuracy, whatever dataloader.py's prompt is."""
+    import generate
+    from lorakit.prompts import Prompt
+    monkeypatch.setattr(generate, "run_prompt", lambda *args: Prompt("bare", "bad,good"))
+    return generate.ModelSampler(str(tmp_path), path, "cpu", 3, 0.0, 0, dataset=reviews)  # the starter's order
+
+
+def token(word):
+    import tiktoken
+    (t,) = tiktoken.get_encoding("gpt2").encode_ordinary(word)
+    return t
 
 
 @task("ModelSampler.get_accuracy")
-def test_a_model_that_always_answers_positive(reviews, tmp_path):
+def test_a_model_that_always_answers_positive(reviews, tmp_path, monkeypatch):
     from conftest import save_gpt2
-    acc, pos, neg = sampler(save_gpt2(tmp_path / "m", answer=POSITIVE), reviews, tmp_path).get_accuracy()
-    assert (acc, pos, neg) == (0.5, 12, 0), f"half the 12 test reviews are positive: (0.5, 12, 0), not {(acc, pos, neg)}"
+    m = sampler(save_gpt2(tmp_path / "m", answer=token(" good")), reviews, tmp_path, monkeypatch)
+    got = m.get_accuracy()
+    assert tuple(got) == (0.5, 12, 0), f"half the 12 test reviews are positive: (0.5, 12, 0), not {got}"
 
 
 @task("ModelSampler.get_accuracy")
-def test_unparseable_generations_count_as_wrong(reviews, tmp_path):
+def test_a_model_that_always_answers_negative_in_capitals(reviews, tmp_path, monkeypatch):
     from conftest import save_gpt2
-    acc, pos, neg = sampler(save_gpt2(tmp_path / "m", answer=13), reviews, tmp_path).get_accuracy()  # "."
-    assert (acc, pos, neg) == (0.0, 0, 0), f"no generation names a label: (0.0, 0, 0), not {(acc, pos, neg)}"
+    m = sampler(save_gpt2(tmp_path / "m", answer=token(" BAD")), reviews, tmp_path, monkeypatch)
+    got = m.get_accuracy()
+    assert tuple(got) == (0.5, 0, 12), f"' BAD' reads as the label word 'bad' (case aside): (0.5, 0, 12), not {got}"
+
+
+@task("ModelSampler.get_accuracy")
+def test_unparseable_generations_count_as_wrong(reviews, tmp_path, monkeypatch):
+    from conftest import save_gpt2
+    m = sampler(save_gpt2(tmp_path / "m", answer=token(".")), reviews, tmp_path, monkeypatch)
+    got = m.get_accuracy()
+    assert tuple(got) == (0.0, 0, 0), f"no generation names a label: (0.0, 0, 0), not {got}"
