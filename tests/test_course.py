@@ -45,7 +45,8 @@ def test_the_starter_has_no_solution_and_stops_at_its_todos(starter, tiny_ckpt, 
     assert code != 0 and "NotImplementedError: train.py LoRA" in err
     code, _, err = cli("generate.py", f"--init_from={tiny_ckpt}", f"--dataset={reviews}", f"--out_dir={tmp_path / 'zs'}",
                        "--device=cpu", cwd=starter)
-    assert code != 0 and err.strip().endswith("NotImplementedError: ModelSampler.get_accuracy")
+    # the prompt comes first, read off dataloader.py's TODO
+    assert code != 0 and err.strip().endswith("NotImplementedError: CustomDataLoader._add_instruction_finetuning")
     code, out, _ = cli("generate.py", f"--init_from={tiny_ckpt}", "--prompt=The film", "--device=cpu", cwd=starter)
     assert code == 0 and out.startswith("The film")  # what needs no TODO works as in the solution
     code, _, err = cli("course/make_starter.py", f"--out_dir={starter}")
@@ -70,10 +71,10 @@ def test_grading_the_solution_the_starter_and_broken_submissions(starter, tmp_pa
         ("dropout-on-everything", "y = F.linear(input, self.weight, self.bias)",
          "input = self.lora_dropout(input) if self.is_lora() else input\n        y = F.linear(input, self.weight, self.bias)",
          {"LoRALinear.forward"}),
-        ("numbers", 'self.prompt.answer(rec["label"]) + EOT', '" " + str(rec["label"]) + EOT',
+        ("numbers", 'LABEL_WORDS[rec["label"]] + EOT', 'str(rec["label"]) + EOT',
          {"CustomDataLoader._add_instruction_finetuning"}),
-        ("unparseable-as-negative", "predicted = [self.prompt.parse(g) for g in generations]",
-         "predicted = [self.prompt.parse(g) or 0 for g in generations]",
+        ("unparseable-as-negative", "predicted = [read_label(g, self.prompt.words) for g in generations]",
+         "predicted = [read_label(g, self.prompt.words) or 0 for g in generations]",
          {"ModelSampler.get_accuracy"})]:
         sub = tmp_path / name
         sub.mkdir()
