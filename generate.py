@@ -30,14 +30,14 @@ import time
 from functools import partial
 
 import torch
-from tqdm import tqdm
 
 from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
 from lorakit.adapters import merge_lora
 from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding,
                             hold_out_dir, pick_device, pick_dtype, read_json, save_atomic, write_json)
-from lorakit.data import EVAL_MODES, ROTTEN_TOMATOES, left_pad, load_splits, stratified_subset
+from lorakit.data import EVAL_MODES, ROTTEN_TOMATOES, load_splits, stratified_subset
+from lorakit.decoding import BatchedDecoder
 from lorakit.prompts import OWN, few_shot_demonstrations, own_instruction, pick_prompt, prompt_errors
 from model import GPT
 
@@ -164,6 +164,9 @@ class ModelSampler:
         self._check_lengths(model.config.block_size)
         # each LoRA layer's eval() merges its update into W: inference costs what the model without LoRA costs
         self.model = merge_lora(model.to(self.device).eval()).use_fast_gelu(self.device == 'cpu')
+        answers = [(ids, self.prompt.answer(y)) for y, ids in enumerate(self.label_ids)] if c.mode == 'score' else None
+        self.decoder = BatchedDecoder(self.model, self.enc, self.ctx, self.device, c.max_new_tokens, c.temperature,
+                                      c.top_k, c.batch_size, self.generator, answers)
         if not own:
             self.split_size = len(data[c.split])
             self.indices = stratified_subset(data[c.split]['label'], c.num_samples, c.seed)
@@ -205,7 +208,7 @@ class ModelSampler:
         idx = torch.tensor([self.enc.encode_ordinary(prompt)], dtype=torch.long, device=self.device)
         with self.ctx:
             out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, generator=self.generator)
-        return prompt + self._decode(out[0, -c.max_new_tokens:].tolist())
+        return prompt + self.decoder.decode(out[0, -c.max_new_tokens:].tolist())
 
     def get_accuracy(self, progress=True):
         """
@@ -232,62 +235,17 @@ class ModelSampler:
         return correct / len(predicted), predicted.count(1), predicted.count(0)
         # END SOLUTION
 
-    # --- batching and caching -------------------------------------------------------------------------
-
     def generations(self, prompts, progress=False):
-        """The continuation of each prompt (token id lists), in their order, computed in batches of similar
-        lengths (little padding) that share the prompts' common start; the results do not depend on either."""
-        prefix = self._shared_prefix(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out, bs = [None] * len(prompts), self.settings.batch_size
-        for s in tqdm(range(0, len(order), bs), desc='evaluating', unit='batch', disable=not progress):
-            part = order[s:s + bs]
-            for i, text in zip(part, self._continuations([prompts[i] for i in part], prefix)):
-                out[i] = text
-        return out
-
-    def _left_pad(self, prompts):
-        idx, mask = left_pad(prompts, self.enc.eot_token)
-        return idx.to(self.device), mask.to(self.device)
-
-    def _continuations(self, prompts, prefix=()):
-        """
-        Decoded continuation of each prompt (token id lists), cut at end-of-text. prefix: (ids, cache)
-        of model.prefix_cache, for prompts that all begin with those ids and go on past them.
-        """
-        c = self.settings
-        ids, cache = prefix or ((), None)
-        prompts = [p[len(ids):] for p in prompts]
-        idx, mask = self._left_pad(prompts)
-        with self.ctx:
-            if c.mode == 'score':
-                logprobs = self.model.continuation_logprobs(idx, self.label_ids, mask, cache)
-                return [self.prompt.answer(int(i)) for i in logprobs.argmax(dim=-1)]
-            out = self.model.generate(idx, c.max_new_tokens, c.temperature, c.top_k, mask, self.generator, cache)
-        return [self._decode(row) for row in out[:, -c.max_new_tokens:].tolist()]
-
-    def _decode(self, row):
-        """Generated token ids as text, up to the first end-of-text."""
-        return self.enc.decode(row[:row.index(self.enc.eot_token)] if self.enc.eot_token in row else row)
-
-    def _shared_prefix(self, prompts):
-        """(ids, cache) of the longest start that every prompt shares and goes on past, or ()."""
-        if not prompts:
-            return ()
-        head, n = prompts[0], min(len(p) for p in prompts) - 1
-        for p in prompts:
-            n = next((i for i in range(n) if p[i] != head[i]), n)
-        if not n:
-            return ()
-        with self.ctx:
-            return head[:n], self.model.prefix_cache(head[:n])
+        """The continuation of each prompt (token id lists), as text, in their order: in batches that share
+        the prompts' common start (lorakit/decoding.py); the results do not depend on the batching."""
+        return self.decoder.generations(prompts, progress)
 
     def classify(self, texts):
         """(continuation, P(label 0's word), P(label 1's word)) of each text: what the model generates after its
         prompt, and the probabilities of the label words (all their tokens) as what follows it."""
         prompts = [self.prompt_ids(t) for t in texts]
-        generations = self._continuations(prompts)
-        idx, mask = self._left_pad(prompts)
+        generations = self.decoder.continuations(prompts)
+        idx, mask = self.decoder.left_pad(prompts)
         with self.ctx:
             probs = self.model.continuation_logprobs(idx, self.label_ids, mask).exp().tolist()
         return [(g, *p) for g, p in zip(generations, probs)]

@@ -459,12 +459,14 @@ def check_runs(runs):
     """Each run's flags as train.py and generate.py will check them, before the first run starts."""
     import generate
     import train
+    from lorakit.training import check_settings
+    checks = ((train.DEFAULTS, check_settings, 'train'), (generate.DEFAULTS, generate.check_settings, 'eval'))
     for run in runs:
-        for script, flags in ((train, run['train']), (generate, run['eval'])):
-            if flags is None:
+        for defaults, check_flags, which in checks:
+            if run[which] is None:
                 continue
             try:
-                script.check_settings(configure(script.DEFAULTS, flags))
+                check_flags(configure(defaults, run[which]))
             except ConfigError as e:
                 raise ConfigError(f"run {run['name']}: {e}") from None
 

@@ -37,7 +37,8 @@ from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # no
 from lorakit.common import get_lr, write_json  # noqa: E402
 from configurator import ConfigError, Settings, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader  # noqa: E402
-from lorakit.data import left_pad, load_splits, stratified_subset  # noqa: E402
+from lorakit.data import load_splits, stratified_subset  # noqa: E402
+from lorakit.decoding import left_pad  # noqa: E402
 from lorakit.prompts import own_instruction, prompt_of  # noqa: E402
 from lorakit.variants import pissa_init  # noqa: E402
 from generate import read_label  # noqa: E402

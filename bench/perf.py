@@ -50,7 +50,8 @@ from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # no
 from lorakit.common import autocast, pick_device, save_atomic, write_json  # noqa: E402
 from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader  # noqa: E402
-from lorakit.data import left_pad, load_splits, stratified_subset  # noqa: E402
+from lorakit.data import load_splits, stratified_subset  # noqa: E402
+from lorakit.decoding import left_pad  # noqa: E402
 from lorakit.prompts import own_instruction, prompt_of  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402
 from model import GPT, target_positions  # noqa: E402

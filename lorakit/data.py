@@ -236,14 +236,3 @@ def stratified_subset(labels, n, seed):
     for y in sorted(by_label, key=lambda y: -(len(by_label[y]) * n % len(labels)))[:n - sum(quota.values())]:
         quota[y] += 1
     return sorted(i for y, ix in by_label.items() for i in rng.sample(ix, quota[y]))
-
-
-def left_pad(prompts, pad_id):
-    """(B, T) token ids of prompts (lists of ids) padded on the left, and the (B, T) mask of real tokens."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return idx, mask

@@ -2,11 +2,13 @@
 Inference for model.py's GPT: a key/value cache, left-padded batches (an attention mask), a prefix
 shared by every prompt computed once, and the probability of whole continuations (label words of
 several tokens). GPT.generate, GPT.continuation_logprobs and GPT.prefix_cache are these functions, so
-a batch generates exactly what its prompts generate one at a time.
+a batch generates exactly what its prompts generate one at a time; BatchedDecoder runs many prompts
+through them in batches, as generate.py's ModelSampler does.
 """
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def _attention_mask(key_mask, T):
@@ -114,3 +116,75 @@ def sample(logits, temperature=1.0, top_k=None, generator=None):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("inf")
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def left_pad(prompts, pad_id):
+    """(B, T) token ids of prompts (lists of ids) padded on the left, and the (B, T) mask of real tokens."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return idx, mask
+
+
+class BatchedDecoder:
+    """
+    The continuations of many prompts (token id lists) by a model: in batches of similar lengths (little
+    padding), left-padded, the prompts' common start computed once; greedy (temperature 0) or sampled from
+    the top_k. With answers, [(token ids, text)] of the label words, a continuation is instead the text of
+    the likelier answer (score mode).
+    """
+
+    def __init__(self, model, enc, ctx, device, max_new_tokens, temperature=0.0, top_k=0, batch_size=32,
+                 generator=None, answers=None):
+        self.model, self.enc, self.ctx, self.device, self.generator = model, enc, ctx, device, generator
+        self.max_new_tokens, self.temperature, self.top_k, self.batch_size = max_new_tokens, temperature, top_k, batch_size
+        self.answers = answers
+
+    def generations(self, prompts, progress=False):
+        """The continuation of each prompt, in their order; the results do not depend on the batching."""
+        prefix = self.shared_prefix(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out, bs = [None] * len(prompts), self.batch_size
+        for s in tqdm(range(0, len(order), bs), desc='evaluating', unit='batch', disable=not progress):
+            part = order[s:s + bs]
+            for i, text in zip(part, self.continuations([prompts[i] for i in part], prefix)):
+                out[i] = text
+        return out
+
+    def left_pad(self, prompts):
+        idx, mask = left_pad(prompts, self.enc.eot_token)
+        return idx.to(self.device), mask.to(self.device)
+
+    def continuations(self, prompts, prefix=()):
+        """
+        Decoded continuation of each prompt, cut at end-of-text. prefix: (ids, cache) of model.prefix_cache,
+        for prompts that all begin with those ids and go on past them.
+        """
+        ids, cache = prefix or ((), None)
+        idx, mask = self.left_pad([p[len(ids):] for p in prompts])
+        with self.ctx:
+            if self.answers:
+                logprobs = self.model.continuation_logprobs(idx, [a for a, _ in self.answers], mask, cache)
+                return [self.answers[int(i)][1] for i in logprobs.argmax(dim=-1)]
+            out = self.model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, mask, self.generator,
+                                      cache)
+        return [self.decode(row) for row in out[:, -self.max_new_tokens:].tolist()]
+
+    def decode(self, row):
+        """Generated token ids as text, up to the first end-of-text."""
+        return self.enc.decode(row[:row.index(self.enc.eot_token)] if self.enc.eot_token in row else row)
+
+    def shared_prefix(self, prompts):
+        """(ids, cache) of the longest start that every prompt shares and goes on past, or ()."""
+        if not prompts:
+            return ()
+        head, n = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts:
+            n = next((i for i in range(n) if p[i] != head[i]), n)
+        if not n:
+            return ()
+        with self.ctx:
+            return head[:n], self.model.prefix_cache(head[:n])

@@ -135,11 +135,11 @@ def test_the_shared_prompt_start_is_computed_once_and_changes_nothing(tiny_ckpt,
     sampler = ModelSampler(init_from="resume", out_dir=str(tmp_path), dataset=reviews, device="cpu", mode=mode,
                            prompt_style="few_shot", num_shots=2, batch_size=5, max_new_tokens=4)
     prompts = [sampler.prompt_ids(r["text"]) for r in sampler.records]
-    ids, _ = sampler._shared_prefix(prompts)
+    ids, _ = sampler.decoder.shared_prefix(prompts)
     # the instruction and both examples, up to the "Review:" that every prompt has next
     assert sampler.enc.decode(ids).count("Review:") == 3 and sampler.enc.decode(ids).endswith("Review:")
     preds = results_of(sampler)
-    assert [r["generation"] for r in preds] == [sampler._continuations([p])[0] for p in prompts]
+    assert [r["generation"] for r in preds] == [sampler.decoder.continuations([p])[0] for p in prompts]
 
 
 def test_own_reviews_get_a_generation_and_two_probabilities_and_nothing_is_written(tiny_ckpt, tmp_path, capsys):
