@@ -12,8 +12,7 @@ model evaluates as fast as one without LoRA; train() takes it out again.
     layer.eval()                                     # W += (alpha / r) B A, once
     layer.train()                                    # W -= (alpha / r) B A
 
-This file is the course's API and nothing more; what builds on it (adapters saved alone, LoRA on any
-model, DoRA, PiSSA, LoRA on slices of a fused projection) is in lorakit/.
+This file is the course's API alone; what builds on it (adapters, DoRA, PiSSA, ...) is in lorakit/.
 """
 
 import torch

@@ -14,8 +14,7 @@ is plain GPT-2.
     logits, loss = model(idx, targets)      # targets of -1 are ignored
 
 from_pretrained takes gpt2 .. gpt2-xl, any hub id of a GPT-2 checkpoint, or a local directory that
-holds one; the architecture comes from that checkpoint's config. Generation (lorakit/decoding.py)
-uses a key/value cache and accepts left-padded batches.
+holds one. Generation (lorakit/decoding.py) uses a key/value cache and left-padded batches.
 """
 
 import inspect
@@ -345,20 +344,9 @@ class GPT(nn.Module):
     prefix_cache = decoding.prefix_cache
 
 
-def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
-    """(trainable, total, percent trainable) of a GPT-2 shape with LoRA of this rank, built on the meta device (no
-    weights): LoRA trains its A and B matrices, rank 0 every parameter."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank),
-                              lora_targets=lora_targets))
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for n, p in model.named_parameters() if is_lora_param(n, "lora_A", "lora_B")) \
-        if lora_rank > 0 else total
-    return trainable, total, 100.0 * trainable / total
-
-
 def print_parameter_table(argv):
     from configurator import check, configure, one_of, settings_of
+    from lorakit.adapters import lora_parameter_counts
     c = configure(settings_of(globals()), argv)
     check([one_of("lora_targets", c.lora_targets, LORA_TARGETS)])
     print(f"LoRA on {c.lora_targets}")

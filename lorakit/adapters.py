@@ -14,6 +14,7 @@ import importlib.util
 import re
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")  # DoRA's m, PiSSA's start
@@ -158,3 +159,17 @@ def apply_lora_settings(model, config):
     if config.lora_variant == "dora":
         variants().use_dora(model)
     return model
+
+
+def lora_parameter_counts(model_type, lora_rank, lora_targets="attn"):
+    """(trainable, total, percent trainable) of a GPT-2 shape (model.py's PRETRAINED_SHAPES) with LoRA of this
+    rank, built on the meta device (no weights): LoRA trains its A and B matrices, rank 0 every parameter."""
+    from model import GPT, PRETRAINED_SHAPES, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**PRETRAINED_SHAPES[model_type], lora_rank=lora_rank, lora_alpha=float(lora_rank),
+                              lora_targets=lora_targets))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for n, p in model.named_parameters() if is_lora_param(n, "lora_A", "lora_B")) \
+        if lora_rank > 0 else total
+    return trainable, total, 100.0 * trainable / total
+

@@ -5,7 +5,8 @@ import torch
 from conftest import STANDIN, needs_standin, save_random_hf_gpt2
 from lora import mark_only_lora_as_trainable
 from lorakit.adapters import parameter_summary
-from model import GPT, lora_parameter_counts, target_positions
+from lorakit.adapters import lora_parameter_counts
+from model import GPT, target_positions
 
 SHAPES = [
     dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97),
