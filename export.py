@@ -28,12 +28,11 @@ from dataclasses import asdict
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save
 
-from lorakit.checkpoint import load_checkpoint
+from lorakit.checkpoint import base_with_lora, load_checkpoint
 from lorakit.common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
 from configurator import ConfigError, configure, run_cli, settings_of
 from lorakit.hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules, peft_tensors
 from lorakit.adapters import is_lora_param, lora_layers, lora_state_dict, merge_lora
-from model import GPT
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export (its ckpt.pt), or where an imported adapter's ckpt.pt goes
@@ -184,7 +183,7 @@ def import_peft(adapter_dir, base_model, dest):
                 lora_targets="attn_mlp" if any(".mlp." in k for k in state) else "attn",
                 lora_scaling="rslora" if acfg.get("use_rslora") else "standard",
                 lora_variant="dora" if acfg.get("use_dora") else "lora")
-    model = GPT.from_pretrained(base_model, lora)
+    model = base_with_lora(base_model, lora)
     check_adapter(adapter_dir, acfg, state, lora_state_dict(model), base_model)
     for k, v in lora_state_dict(model).items():  # modules the adapter leaves out keep B = 0: no change
         state.setdefault(k, v)

@@ -117,17 +117,17 @@ def build_model(c, ckpt):
     torch.manual_seed(c.seed)  # the LoRA init: the same on every rank and in every run with this seed
     lora = {k: c[k] for k in OVERRIDABLE}  # dropout and the LoRA settings
     if ckpt is not None:
-        model = as_config_error(model_from_checkpoint, ckpt, ckpt_path(c.out_dir))
+        model = model_from_checkpoint(ckpt, ckpt_path(c.out_dir))
         base_model = ckpt['base_model']
     elif c.init_from == 'scratch':
         model = GPT(GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size or 1024, **lora))
         base_model = 'scratch'
     else:
         # BEGIN SOLUTION train.py LoRA
-        # STUB: # TODO: make the model LoRA fine-tuneable: load c.init_from with LoRA layers of the run's settings
-        # STUB: # (Hint: GPT.from_pretrained(model_type, override_args); lora holds what it may override).
+        # STUB: # TODO: load the pretrained GPT-2 named by c.init_from with LoRA layers of this run's settings (the
+        # STUB: # dict lora holds the rank, alpha and dropout, and the other settings the checkpoint may be given).
         # STUB: raise NotImplementedError("train.py LoRA: load the pretrained model with LoRA layers")
-        model = as_config_error(GPT.from_pretrained, c.init_from, lora)
+        model = GPT.from_pretrained(c.init_from, lora)
         # END SOLUTION
         # a local base is reloaded from wherever the run is continued or evaluated
         base_model = os.path.abspath(c.init_from) if os.path.isdir(c.init_from) else c.init_from
@@ -138,7 +138,7 @@ def build_model(c, ckpt):
         model.crop_block_size(c.block_size)
     if c.lora_rank > 0:
         # BEGIN SOLUTION train.py LoRA
-        # STUB: # TODO: only the LoRA matrices train when lora_rank > 0.
+        # STUB: # TODO: with LoRA, only the LoRA matrices train (lora.py has the function).
         # STUB: raise NotImplementedError("train.py LoRA: let only the LoRA matrices train")
         mark_only_lora_as_trainable(model)
         # END SOLUTION
@@ -363,7 +363,8 @@ def run(c, ckpt, rt):
     """Set up the run, with every check before the first write, then train."""
     # the data set first: a bad one fails fast; whatever cannot be downloaded is reported at once
     data, (raw_model, base_model), enc = fetch_inputs(partial(as_config_error, load_splits, c.dataset),
-                                                      partial(build_model, c, ckpt), gpt2_encoding)
+                                                      partial(as_config_error, build_model, c, ckpt),
+                                                      gpt2_encoding)
     # the base's fingerprint before PiSSA moves part of W into the adapter; a resumed run's from its checkpoint
     fingerprint = (ckpt or {}).get('base_fingerprint') or (base_fingerprint(raw_model) if c.checkpoint == 'adapter'
                                                            else None)

@@ -16,15 +16,16 @@ import re
 import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the handout's files, the modules they import, the commands the notebook runs, the notebook, and the public
-# handout tests; lorakit/variants.py is the solution's only (its layers merge updates, a TODO's answer)
+# the handout's files, the package below them but its solution-only part, the commands the notebook runs, the
+# notebook, and the public handout tests. lorakit/variants.py is the solution's only: its layers merge updates,
+# a TODO's answer.
+SOLUTION_ONLY = ["lorakit/variants.py"]
 FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py", "configurator.py",
-         "configs/finetune_params_config.py", "requirements.txt", "requirements-dev.txt", "lorakit/__init__.py",
-         "lorakit/adapters.py", "lorakit/checkpoint.py", "lorakit/common.py", "lorakit/distributed.py",
-         "lorakit/runlog.py", "lorakit/hf_checkpoint.py", "lorakit/decoding.py", "lorakit/data.py",
-         "lorakit/prompts.py", "sweep.py", "export.py", "bench/timing.py", "bench/merge_latency.py",
-         "bench/lr_vs_alpha.py", "run_in_colab.ipynb", ".gitignore",
-         "course/tests/conftest.py", "course/tests/test_handout.py"]
+         "configs/finetune_params_config.py", "requirements.txt", "requirements-dev.txt",
+         *sorted(f"lorakit/{n}" for n in os.listdir(os.path.join(ROOT, "lorakit"))
+                 if n.endswith(".py") and f"lorakit/{n}" not in SOLUTION_ONLY),
+         "sweep.py", "export.py", "bench/timing.py", "bench/merge_latency.py", "bench/lr_vs_alpha.py",
+         "run_in_colab.ipynb", ".gitignore", "course/tests/conftest.py", "course/tests/test_handout.py"]
 HANDOUT_FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py"]  # what a student submits
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (.+?)\s*$")
 STUB = re.compile(r"^\s*# STUB: ?(.*)$")

@@ -88,10 +88,19 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def base_with_lora(base_model, lora):
+    """The pretrained GPT-2 base_model as a model with the LoRA layers that lora (model.py's OVERRIDABLE
+    settings) asks for: the base read plain, its weights then loaded into a model built with LoRA."""
+    base = GPT.from_pretrained(base_model)
+    model = GPT(GPTConfig(**{**asdict(base.config), **lora}))
+    model.load_state_dict(base.state_dict(), strict=False)  # every weight but the adapter's, which starts fresh
+    return model
+
+
 def _adapter_model(path, ckpt, state):
     """The base model the adapter was trained on, with the adapter's LoRA tensors loaded."""
     args = ckpt["model_args"]
-    model = GPT.from_pretrained(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE if k in args})
+    model = base_with_lora(ckpt["base_model"], {k: args[k] for k in OVERRIDABLE if k in args})
     if args["block_size"] < model.config.block_size:
         model.crop_block_size(args["block_size"])
     if model.config != GPTConfig(**args):

@@ -265,8 +265,10 @@ class Recorder(nn.Linear):
 
 
 def attention(monkeypatch, **lora):
+    import lora as lora_py
     import model
-    monkeypatch.setattr(model, "LoRALinear", Recorder)
+    for where in (model, lora_py):  # model.py may name it either way
+        monkeypatch.setattr(where, "LoRALinear", Recorder, raising=False)
     return model.GPT(model.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=64, **lora)).transformer.h[0].attn
 
 
@@ -334,23 +336,47 @@ def test_batches_learn_the_label_word(reviews):
 
 # --- train.py LoRA ----------------------------------------------------------------------------------
 
-@task("train.py LoRA")
-def test_the_training_model_has_lora_and_only_lora_trains(tiny_gpt2, reviews):
+def build(monkeypatch, tiny_gpt2, reviews, *flags):
+    """train.py's model for these flags, with what it asked of GPT.from_pretrained and mark_only_lora_as_trainable
+    recorded (the model built with Recorder layers): these tests grade train.py, whatever lora.py does."""
+    import model
     import train
-    c, _ = train.read_settings([f"--init_from={tiny_gpt2}", f"--dataset={reviews}", "--rank=2", "--alpha=4"])
-    model, _ = train.build_model(c, None)
-    attn = model.transformer.h[0].attn.c_attn
-    assert getattr(attn, "lora_A", torch.empty(0)).shape[:1] == (2,), "the model must be loaded with the run's LoRA rank"
-    trains = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trains == {"lora_A", "lora_B"}, f"only the LoRA matrices train, not {sorted(trains)}"
+    asked = {}
+    for where in (model, train):
+        monkeypatch.setattr(where, "LoRALinear", Recorder, raising=False)
+    real = model.GPT.from_pretrained.__func__
+
+    def from_pretrained(cls, model_type, override_args=None):
+        asked["from_pretrained"] = (model_type, dict(override_args or {}))
+        return real(cls, model_type, override_args)
+
+    def mark_only(m):
+        asked["mark_only_lora_as_trainable"] = m
+        return m
+
+    monkeypatch.setattr(model.GPT, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(train, "mark_only_lora_as_trainable", mark_only, raising=False)
+    c, _ = train.read_settings([f"--init_from={tiny_gpt2}", f"--dataset={reviews}", *flags])
+    built, _ = train.build_model(c, None)
+    return built, asked
 
 
 @task("train.py LoRA")
-def test_rank_zero_trains_every_weight(tiny_gpt2, reviews):
-    import train
-    c, _ = train.read_settings([f"--init_from={tiny_gpt2}", f"--dataset={reviews}", "--rank=0"])
-    model, _ = train.build_model(c, None)
-    assert all(p.requires_grad for p in model.parameters()), "lora_rank=0 is full fine-tuning"
+def test_the_pretrained_model_is_loaded_with_the_runs_lora_settings(monkeypatch, tiny_gpt2, reviews):
+    built, asked = build(monkeypatch, tiny_gpt2, reviews, "--rank=2", "--alpha=4", "--lora_dropout=0.1")
+    model_type, override = asked.get("from_pretrained", (None, {}))
+    assert model_type == tiny_gpt2, "load the pretrained model init_from names with GPT.from_pretrained"
+    assert {k: override.get(k) for k in ("lora_rank", "lora_alpha", "lora_dropout")} == \
+        dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.1), \
+        f"from_pretrained's override_args must carry the run's lora_rank, lora_alpha and lora_dropout, not {override}"
+    assert asked.get("mark_only_lora_as_trainable") is built, "with LoRA, mark_only_lora_as_trainable(model)"
+
+
+@task("train.py LoRA")
+def test_rank_zero_trains_every_weight(monkeypatch, tiny_gpt2, reviews):
+    built, asked = build(monkeypatch, tiny_gpt2, reviews, "--rank=0")
+    assert "mark_only_lora_as_trainable" not in asked, "lora_rank=0 is full fine-tuning: no LoRA matrices to pick"
+    assert all(p.requires_grad for p in built.parameters()), "lora_rank=0 is full fine-tuning: every weight trains"
 
 
 # --- ModelSampler.get_accuracy ------------------------------------------------------------------------
@@ -359,8 +385,10 @@ def sampler(path, reviews, tmp_path, monkeypatch):
     """generate.py's ModelSampler asking "Review: ...\nSentiment:", answered " bad" or " good": these tests grade
     get_accuracy, whatever dataloader.py's prompt is."""
     import generate
+    import model
     from lorakit.prompts import Prompt
     monkeypatch.setattr(generate, "run_prompt", lambda *args: Prompt("bare", "bad,good"))
+    monkeypatch.setattr(model, "LoRALinear", Recorder, raising=False)  # whatever lora.py does
     return generate.ModelSampler(str(tmp_path), path, "cpu", 3, 0.0, 0, dataset=reviews)  # the starter's order
 
 
