@@ -362,9 +362,8 @@ def main(argv):
 def run(c, ckpt, rt):
     """Set up the run, with every check before the first write, then train."""
     # the data set first: a bad one fails fast; whatever cannot be downloaded is reported at once
-    data, (raw_model, base_model), enc = fetch_inputs(partial(as_config_error, load_splits, c.dataset),
-                                                      partial(as_config_error, build_model, c, ckpt),
-                                                      gpt2_encoding)
+    data, (raw_model, base_model), enc = fetch_inputs(
+        partial(as_config_error, load_splits, c.dataset), partial(as_config_error, build_model, c, ckpt), gpt2_encoding)
     # the base's fingerprint before PiSSA moves part of W into the adapter; a resumed run's from its checkpoint
     fingerprint = (ckpt or {}).get('base_fingerprint') or (base_fingerprint(raw_model) if c.checkpoint == 'adapter'
                                                            else None)

@@ -25,7 +25,8 @@ FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py", "con
          *sorted(f"lorakit/{n}" for n in os.listdir(os.path.join(ROOT, "lorakit"))
                  if n.endswith(".py") and f"lorakit/{n}" not in SOLUTION_ONLY),
          "sweep.py", "export.py", "bench/timing.py", "bench/merge_latency.py", "bench/lr_vs_alpha.py",
-         "run_in_colab.ipynb", ".gitignore", "course/tests/conftest.py", "course/tests/test_handout.py"]
+         "run_in_colab.ipynb", ".gitignore", "course/tests/conftest.py", "course/tests/test_handout.py",
+         "course/tests/checks.py", "course/tests/probes.py"]
 HANDOUT_FILES = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py"]  # what a student submits
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (.+?)\s*$")
 STUB = re.compile(r"^\s*# STUB: ?(.*)$")
@@ -63,11 +64,11 @@ def tasks(text):
     return list(dict.fromkeys(names))
 
 
-def write_starter(dest, root=ROOT):
+def write_starter(dest, root=ROOT, tests=True):
     """The starter in dest (a folder that must not exist yet): FILES with their solutions stripped, and
-    README.md for students."""
+    README.md for students; without the handout tests unless tests (a grader's worker gets none)."""
     os.makedirs(dest)
-    for name in FILES:
+    for name in FILES if tests else [f for f in FILES if not f.startswith("course/tests/")]:
         src, out = os.path.join(root, name), os.path.join(dest, name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if name.endswith(".py"):

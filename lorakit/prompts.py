@@ -128,19 +128,26 @@ def prompt_of(add_instruction):
             raise ValueError(f"CustomDataLoader._add_instruction_finetuning must set rec['instr_tuned_text'] to a "
                              f"text that ends in the label word, then {EOT}; it gives {str(out)[-60:]!r}")
         return out[:-len(EOT)]
-    texts = text(0), text(1)
+    template, words = prompt_from_texts(text(0), text(1))
+    if "{review}" not in template:
+        raise ValueError(f"the instruction CustomDataLoader._add_instruction_finetuning writes must hold the review; "
+                         f"it writes {text(0)[:80]!r}")
+    return Prompt(template, words)
+
+
+def prompt_from_texts(negative, positive):
+    """(template, 'word0,word1') of the instr_tuned_texts of one review with label 0 and with label 1 (as prompt_of
+    reads them): their shared text, up to the word where they part, and each one's word before end-of-text."""
+    texts = [t.removesuffix(EOT) for t in (negative, positive)]
     n = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
     while n and (texts[0][n - 1].isalnum() or texts[0][n - 1] in "'-"):  # back to the start of a word
         n -= 1
     template = texts[0][:n].rstrip()
     words = [t[len(template):].strip() for t in texts]
-    if "{review}" not in template:
-        raise ValueError(f"the instruction CustomDataLoader._add_instruction_finetuning writes must hold the review; "
-                         f"it writes {texts[0][:80]!r}")
     if not all(words) or "," in "".join(words):
         raise ValueError(f"CustomDataLoader._add_instruction_finetuning must end each text in its label word (two "
                          f"different words, without commas); it ends them in {words[0]!r} and {words[1]!r}")
-    return Prompt(template, ",".join(words))
+    return template, ",".join(words)
 
 
 def pick_prompt(template, label_words, add_instruction):

@@ -22,9 +22,9 @@ def starter(tmp_path_factory):
     return dest
 
 
-def grade(submission, tmp_path):
+def grade(submission, tmp_path, *flags):
     results = tmp_path / "results.json"
-    code, table, err = cli("course/grade.py", f"--submission={submission}", f"--results={results}", timeout=600)
+    code, table, err = cli("course/grade.py", f"--submission={submission}", f"--results={results}", *flags, timeout=600)
     assert code == 0, err
     out = json.loads(results.read_text())
     lost = {t["name"].split(":")[0] for t in out["tests"] if t["score"] < t["max_score"]}
@@ -59,33 +59,34 @@ def test_the_starters_handout_tests_fail_every_task(starter):
     assert r.returncode == 1 and " passed" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
 
 
-def test_grading_the_solution_the_starter_and_broken_submissions(starter, tmp_path):
-    out, lost, table = grade(ROOT, tmp_path)
-    assert out["score"] == 28 and not lost, table
-    out, lost, _ = grade(starter, tmp_path)
-    assert out["score"] == 0 and len(lost) == 10
-    for name, old, new, tasks in [
-        ("no-bias", "y = F.linear(input, self.weight, self.bias)", "y = F.linear(input, self.weight)",
-         {"LoRALinear.forward"}),
-        ("no-dropout", "self.lora_dropout(input)", "input", {"LoRALinear.forward"}),
-        ("dropout-on-everything", "y = F.linear(input, self.weight, self.bias)",
-         "input = self.lora_dropout(input) if self.is_lora() else input\n        y = F.linear(input, self.weight, self.bias)",
-         {"LoRALinear.forward"}),
-        ("numbers", 'LABEL_WORDS[rec["label"]] + EOT', 'str(rec["label"]) + EOT',
-         {"CustomDataLoader._add_instruction_finetuning"}),
-        ("unparseable-as-negative", "predicted = [read_label(g, self.prompt.words) for g in generations]",
-         "predicted = [read_label(g, self.prompt.words) or 0 for g in generations]",
-         {"ModelSampler.get_accuracy"})]:
-        sub = tmp_path / name
-        sub.mkdir()
-        for f in HANDOUT:
-            shutil.copyfile(ROOT / f, sub / f)
-        path = sub / ("dataloader.py" if name == "numbers" else "generate.py" if name.startswith("unparseable") else
-                      "lora.py")
-        assert old in path.read_text()
-        path.write_text(path.read_text().replace(old, new))
-        out, lost, table = grade(sub, tmp_path)
-        assert lost == tasks, (name, table)
+def broken(tmp_path, name, changes):
+    """The solution's handout files with (file, old, new) changes: a submission that gets some TODOs wrong."""
+    sub = tmp_path / name
+    sub.mkdir()
+    for f in HANDOUT:
+        shutil.copyfile(ROOT / f, sub / f)
+    for f, old, new in changes:
+        assert old in (sub / f).read_text(), (f, old)
+        (sub / f).write_text((sub / f).read_text().replace(old, new))
+    return sub
+
+
+def test_broken_submissions_lose_only_their_tasks(tmp_path):
+    """(the solution's full marks and the starter's zero: tests/test_grader.py, through Gradescope's package)"""
+    sub = broken(tmp_path, "three-wrong", [
+        ("lora.py", "y = F.linear(input, self.weight, self.bias)", "y = F.linear(input, self.weight)"),  # no bias
+        ("dataloader.py", 'LABEL_WORDS[rec["label"]] + EOT', 'str(rec["label"]) + EOT'),  # numbers for words
+        ("generate.py", "predicted = [read_label(g, self.prompt.words) for g in generations]",
+         "predicted = [read_label(g, self.prompt.words) or 0 for g in generations]")])  # unparseable as negative
+    _, lost, table = grade(sub, tmp_path)
+    assert lost == {"LoRALinear.forward", "CustomDataLoader._add_instruction_finetuning", "ModelSampler.get_accuracy"}, table
+    for name, new in (("no-dropout", "y = y + self.lora_scaling * F.linear(F.linear(input, self.lora_A), self.lora_B)"),
+                      ("dropout-on-everything", "y = self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), "
+                                                "self.lora_A), self.lora_B) + F.linear(self.lora_dropout(input), "
+                                                "self.weight, self.bias)")):
+        old = "y = y + self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), self.lora_A), self.lora_B)"
+        out, lost, table = grade(broken(tmp_path, name, [("lora.py", old, new)]), tmp_path, "--tasks=LoRALinear.forward")
+        assert lost == {"LoRALinear.forward"} and 0 < out["score"] < 8, (name, table)
 
 
 def test_a_course_style_lora_py_drops_in_scores_full_marks_and_trains_evaluates_and_exports(tiny_ckpt, reviews,
@@ -97,7 +98,7 @@ def test_a_course_style_lora_py_drops_in_scores_full_marks_and_trains_evaluates_
     for f in HANDOUT:
         shutil.copyfile(ROOT / ("tests/course_style/lora.py" if f == "lora.py" else f), sub / f)
     out, lost, table = grade(sub, tmp_path)
-    assert out["score"] == 28 and not lost, table
+    assert out["score"] == 35 and not lost, table
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "bench"))
     shutil.copyfile(sub / "lora.py", repo / "lora.py")
