@@ -147,17 +147,16 @@ def privileges():
     if os.geteuid() != 0:
         return False, ["not root: the workers run as this user, so they can read what it reads and write where it "
                        "writes (a container, or running as root, gives them a user of their own)"]
+    code = f"import os, sys, torch; sys.exit(3 if os.access({os.path.join(ROOT, 'course')!r}, os.R_OK) else 0)"
     try:
-        runs = subprocess.run([sys.executable, "-c", "import torch"], preexec_fn=lambda: drop(WORKER_UID), cwd="/",
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        status = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: drop(WORKER_UID), cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
     except OSError:
-        runs = False
-    if not runs:
+        status = 1
+    if status not in (0, 3):
         return False, [f"the unprivileged worker user cannot run {sys.executable} with torch (it lies where only root "
                        f"can read); install Python where every user can run it, as Gradescope does"]
-    missing = [f"the workers can read {p}: make it private (chmod o-rx), as run_autograder does"
-               for p in (ROOT,) if os.stat(p).st_mode & stat.S_IROTH]
-    return True, missing
+    return True, [f"the workers can read {ROOT}: make it private (chmod o-rx), as run_autograder does"] * (status == 3)
 
 
 def drop(uid):
@@ -212,14 +211,15 @@ def limits(uid, memory, cgroup):
 
 
 def processes():
-    """{pid: (parent pid, uid)} of every process."""
+    """{pid: (parent pid, uid)} of every live process (not the dead ones waiting to be reaped)."""
     out = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                out[int(name)] = (ppid, os.stat(f"/proc/{name}").st_uid)
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+                if state not in "ZX":
+                    out[int(name)] = (int(ppid), os.stat(f"/proc/{name}").st_uid)
             except (OSError, ValueError, IndexError):
                 pass
     return out

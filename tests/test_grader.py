@@ -88,7 +88,7 @@ def alive():
 # Every attack of the issue at once, at import: each worker that imports lora.py runs them all, then dies.
 ATTACKS = r'''
 import atexit, glob, os, subprocess, sys, time
-MARK, HOME, LEFT = "@MARK@", "@HOME@", "@LEFT@"
+MARK, HOME, LEFT, REPO = "@MARK@", "@HOME@", "@LEFT@", "@REPO@"
 
 def places():
     """Folders the grader may live in: ours, our parents', what /proc tells of the grader."""
@@ -107,7 +107,7 @@ def places():
                         out.add(os.path.dirname(os.path.dirname(arg)))
         except OSError:
             pass
-    return [p for p in out if p]
+    return [p for p in out | {REPO} if p]
 
 def write(path, text, mode="a"):
     try:
@@ -123,7 +123,8 @@ for place in places():
     write(os.path.join(place, "course/tests/conftest.py"), PASS)  # a pass-everything hook
     write(os.path.join(place, "conftest.py"), PASS)
     try:  # read the solution and run it
-        exec(open(os.path.join(place, "lora.py")).read(), globals())
+        if os.path.realpath(place) != os.path.realpath(os.getcwd()):  # not this file itself
+            exec(open(os.path.join(place, "lora.py")).read(), globals())
     except Exception:
         pass
 try:  # pytest's reporters and runner
@@ -148,9 +149,9 @@ daemon = (f"import os, sys, time\nif os.fork(): sys.exit()\nos.setsid()\nif os.f
 subprocess.Popen([sys.executable, "-c", daemon, MARK], start_new_session=True)  # outlives its parent, forges results
 if os.fork() == 0:  # a child that keeps writing
     os.execv(sys.executable, [sys.executable, "-c", f"import time\nwhile True:\n    open({LEFT!r}, 'a').write('y')\n    time.sleep(0.1)", MARK])
-time.sleep(0.5)
-os._exit(1)
 '''
+# ... and the grading cut short at import, after the tests were rewritten (a re-run would read them)
+EXIT = ATTACKS.split("try:  # pytest's")[0] + "os._exit(1)\n"
 
 
 @root_only
@@ -159,12 +160,13 @@ def test_every_attack_scores_zero_and_leaves_nothing_behind(setup):
     shared = tempfile.mkdtemp(prefix="attack-")
     os.chmod(shared, 0o777)  # the workers may write here: what they write after the grading must not change
     left = pathlib.Path(shared) / "left-behind"
-    sub = hostile(s, "everything", ATTACKS.replace("@MARK@", MARK).replace("@HOME@", str(s["home"]))
-                  .replace("@LEFT@", str(left)))
     before = digest(s["repo"])
-    result, out, results = grade(s, sub)
-    assert "isolation not given: the unprivileged" not in result["output"], result["output"]
-    assert result["score"] == 0, out
+    for name, attack in (("everything", ATTACKS), ("exit", EXIT)):
+        sub = hostile(s, name, attack.replace("@MARK@", MARK).replace("@HOME@", str(s["home"]))
+                      .replace("@LEFT@", str(left)).replace("@REPO@", str(s["repo"])))
+        result, out, results = grade(s, sub)
+        assert "isolation not given" not in result["output"], result["output"]
+        assert result["score"] == 0, out
     time.sleep(2)  # a survivor would forge results.json or write on now
     assert json.loads(results.read_text())["score"] == 0
     assert alive() == [], "a process of the submission outlived its grading"
