@@ -130,7 +130,7 @@ def _check_key(key, config, where):
 
 def _is_path(key):
     """Settings that name a file or folder: a leading ~ is the home folder there, as in a shell."""
-    return key.endswith(("_dir", "_file", "init_from")) or key in ("dataset", "repo")
+    return key.endswith(("_dir", "_file", "init_from")) or key in ("dataset", "repo", "adapter", "submission", "results")
 
 
 def _coerce(key, value, default, raw=None):

@@ -17,6 +17,7 @@ writes an adapter-only out_dir/ckpt.pt that generate.py and train.py (init_from=
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -167,8 +168,20 @@ def import_peft(adapter_dir, base_model, dest):
     if not isinstance(acfg, dict) or acfg.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir} is not a plain LoRA adapter (peft_type "
                          f"{acfg.get('peft_type') if isinstance(acfg, dict) else None})")
-    if not (type(acfg.get("r")) is int and acfg["r"] > 0 and type(acfg.get("lora_alpha")) in (int, float)):
-        raise ValueError(f"{adapter_dir}/adapter_config.json needs r (an integer > 0) and lora_alpha (a number)")
+    alpha, dropout = acfg.get("lora_alpha"), acfg.get("lora_dropout", 0.0)
+    if not (type(acfg.get("r")) is int and acfg["r"] > 0 and type(alpha) in (int, float) and math.isfinite(alpha)
+            and alpha > 0):
+        raise ValueError(f"{adapter_dir}/adapter_config.json needs r (an integer > 0) and lora_alpha (a finite number "
+                         f"> 0), not r={acfg.get('r')!r}, lora_alpha={alpha!r}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{adapter_dir}/adapter_config.json: lora_dropout must be a number in [0, 1), not {dropout!r}")
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir} gives some layers their own rank or alpha (rank_pattern, alpha_pattern): this "
+                         f"repository's LoRA has one rank and alpha for every layer, so it cannot be imported")
+    if acfg.get("init_lora_weights") not in (None, True, False, "gaussian"):
+        raise ValueError(f"{adapter_dir} was initialised with init_lora_weights={acfg['init_lora_weights']!r} and not "
+                         f"converted: convert it to a plain LoRA adapter in PEFT first (save_pretrained with "
+                         f"path_initial_model_for_weight_conversion), then import it")
     base_model = base_model or acfg.get("base_model_name_or_path")
     state = {}
     for k, v in tensors.items():
@@ -179,7 +192,7 @@ def import_peft(adapter_dir, base_model, dest):
             raise ValueError(f"{adapter_dir} adapts {k}; only GPT-2's attention c_attn and c_proj and MLP c_fc and "
                              f"c_proj can be imported")
         state[name] = v.float()
-    lora = dict(lora_rank=acfg["r"], lora_alpha=float(acfg["lora_alpha"]), lora_dropout=float(acfg.get("lora_dropout", 0.0)),
+    lora = dict(lora_rank=acfg["r"], lora_alpha=float(alpha), lora_dropout=float(dropout),
                 lora_targets="attn_mlp" if any(".mlp." in k for k in state) else "attn",
                 lora_scaling="rslora" if acfg.get("use_rslora") else "standard",
                 lora_variant="dora" if acfg.get("use_dora") else "lora")

@@ -35,7 +35,7 @@ from configurator import ConfigError, check, configure, one_of, override, run_cl
 from lorakit.adapters import merge_lora
 from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding,
-                            hold_out_dir, pick_device, pick_dtype, read_json, save_atomic, write_json)
+                            hold_out_dir, pick_device, pick_dtype, read_json, read_text, save_atomic, write_json)
 from lorakit.data import EVAL_MODES, ROTTEN_TOMATOES, load_splits, stratified_subset
 from lorakit.decoding import BatchedDecoder
 from lorakit.prompts import OWN, few_shot_demonstrations, own_instruction, pick_prompt, prompt_errors
@@ -73,7 +73,10 @@ def check_settings(c):
         (c.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {c.max_new_tokens}"),
         (c.num_samples < 0, f"num_samples must be >= 1 (or 0 for the whole split), not {c.num_samples}"),
         (c.batch_size < 1, f"batch_size must be >= 1, not {c.batch_size}"),
-        (c.temperature < 0, f"temperature must be >= 0 (0 is greedy), not {c.temperature}"),
+        (c.temperature < 0 or 0 < c.temperature < 1e-6,
+         f"temperature must be 0 (greedy) or at least 1e-6 (smaller ones overflow the logits), not {c.temperature}"),
+        (bool(c.prompt) and bool(c.review or c.reviews_file),
+         "prompt continues a text, review and reviews_file classify reviews: give one of them"),
         (c.top_k < 0, f"top_k must be >= 0 (0 keeps every token), not {c.top_k}"),
         (c.num_continuations < 1, f"num_continuations must be >= 1, not {c.num_continuations}"),
         one_of('mode', c.mode, EVAL_MODES),
@@ -285,11 +288,7 @@ def own_reviews(c):
     """The texts of review and reviews_file, checked before any work."""
     texts = [c.review] if c.review.strip() else []
     if c.reviews_file:
-        try:
-            with open(c.reviews_file, encoding='utf-8') as f:
-                texts += [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read reviews_file {c.reviews_file}: {getattr(e, 'strerror', None) or e}") from None
+        texts += [line.strip() for line in read_text(c.reviews_file, 'reviews_file').splitlines() if line.strip()]
     if not texts:
         raise ConfigError(f"reviews_file {c.reviews_file} holds no review: write one a line" if c.reviews_file
                           else "review is blank: give the text to classify, e.g. --review=\"a charmless film\"")
@@ -298,13 +297,7 @@ def own_reviews(c):
 
 def prompt_text(c):
     """The text of prompt (FILE:path: that file's), checked before any work."""
-    text = c.prompt
-    if text.startswith('FILE:'):
-        try:
-            with open(os.path.expanduser(text[5:]), encoding='utf-8') as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read prompt file {text[5:]}: {getattr(e, 'strerror', None) or e}") from None
+    text = read_text(c.prompt[5:], 'prompt file') if c.prompt.startswith('FILE:') else c.prompt
     if not text.strip():
         raise ConfigError("prompt is blank: give the text to continue, e.g. --prompt=\"The movie was\"")
     return text
@@ -345,7 +338,8 @@ def main(argv):
 def describe(results):
     """An evaluation in a few words: accuracy, how many reviews, of what model, how."""
     try:
-        how = 'greedy' if not results['temperature'] else f"temperature {results['temperature']}"
+        how = ('scored' if results.get('mode') == 'score' else 'greedy' if not results['temperature']
+               else f"temperature {results['temperature']}")
         return (f"accuracy {results['accuracy']:.4f} on {results['n']} reviews of {results['init_from']}, "
                 f"{results['prompt_style']}, {how}")
     except (KeyError, TypeError, ValueError):

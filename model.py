@@ -348,11 +348,14 @@ def print_parameter_table(argv):
     from configurator import check, configure, one_of, settings_of
     from lorakit.adapters import lora_parameter_counts
     c = configure(settings_of(globals()), argv)
-    check([one_of("lora_targets", c.lora_targets, LORA_TARGETS)])
+    ranks = [r.strip() for r in c.ranks.split(",")]
+    check([one_of("lora_targets", c.lora_targets, LORA_TARGETS),
+           (not all(r.isdecimal() and r.isascii() for r in ranks), f"ranks must be whole numbers >= 0, comma-separated "
+                                                                   f"(like 16,128,196), not {c.ranks!r}")])
     print(f"LoRA on {c.lora_targets}")
     print(f"{'model':<12} {'rank':>4} {'trainable':>12} {'total':>15} {'trainable %':>12}")
     for name in PRETRAINED_SHAPES:
-        for r in (int(r) for r in c.ranks.split(',')):
+        for r in map(int, ranks):
             trainable, total, pct = lora_parameter_counts(name, r, c.lora_targets)
             print(f"{name:<12} {r:>4} {trainable:>12,} {total:>15,} {pct:>11.2f}%")
 

@@ -68,6 +68,13 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 DEFAULT_SEED = 1337  # train.py's: runs with it need no --seed and no suffix
+# train.py's settings the grid sets, and the sweep setting that sets each; the handout's short names
+GRID = dict(init_from='init_from', dataset='dataset', device='device', lora_rank='ranks', lora_alpha='alpha_per_rank',
+            learning_rate='lora_lr, full_lr', max_iters='max_iters', batch_size='batch_size',
+            eval_interval='eval_interval', eval_iters='eval_iters', seed='seeds', lora_targets='targets',
+            lora_scaling='scalings', lora_plus_ratio='lora_plus_ratios', lora_variant='variants', lora_init='variants',
+            prompt_template='templates', label_words='label_words', out_dir='out_dir')
+ALIASES = dict(rank='lora_rank', alpha='lora_alpha', lr='learning_rate')
 VARIANTS = {'lora': ('LoRA', ''), 'dora': ('DoRA', '--lora_variant=dora'), 'pissa': ('PiSSA', '--lora_init=pissa')}
 
 
@@ -139,6 +146,11 @@ def plan(c):
         train_args = shlex.split(c.train_args)
     except ValueError as e:
         raise ConfigError(f"train_args cannot be split into flags ({e}): close its quotes") from None
+    for arg in train_args:  # the grid's settings are the table's: train_args may not change them under it
+        key = ALIASES.get(arg.lstrip('-').split('=')[0], arg.lstrip('-').split('=')[0])
+        if key in GRID:
+            raise ConfigError(f"train_args sets {key}, which the sweep sets for each run ({GRID[key]}): drop it from "
+                              f"train_args")
     training = [(*variant, c.lora_lr) for variant in lora_variants(c)]
     if c.full_finetune:
         training.append(('full', 'full fine-tuning', 0, None, [], c.full_lr))
@@ -214,7 +226,8 @@ def execute(cmd, log_path):
     with open(log_path, 'a') as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        p = subprocess.Popen([sys.executable, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), cmd[1])  # beside this one, from anywhere
+        p = subprocess.Popen([sys.executable, script, *cmd[2:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
         stop = None
         while True:
@@ -425,6 +438,9 @@ def main(argv):
            *[one_of('each of targets', t, LORA_TARGETS) for t in c.targets.split(',')],
            *[one_of('each of variants', v, VARIANTS) for v in c.variants.split(',')],
            *[one_of('each of scalings', s, LORA_SCALINGS) for s in c.scalings.split(',')],
+           *[(len(set(items.split(','))) < len(items.split(',')), f"{name} names a choice twice ({items!r}): list each "
+              f"once") for name, items in (('ranks', c.ranks), ('targets', c.targets), ('variants', c.variants),
+                                           ('scalings', c.scalings), ('seeds', c.seeds))],
            (not prompt_choices(c), "templates and label_words must each name at least one choice"),
            *[rule for choice in prompt_choices(c) for rule in prompt_errors(*choice)],
            (min(c.max_iters, c.batch_size, c.eval_interval, c.eval_iters, c.num_shots, c.eval_batch_size) < 1,

@@ -290,7 +290,7 @@ class Trainer:
         on every process if it is not finite."""
         loss = mean_loss(all_reduce(sums, self.rt), it, self.c, None if self.scaler.is_enabled() else grad_norm)
         if self.rt.master:
-            left = (time.time() - self.t0) / (it - self.start + 1) * (self.c.max_iters - it - 1)  # evaluations included
+            left = step_s * (self.c.max_iters - it - 1)  # from the steps' own time: loading is no step
             self.log.step(it, loss, grad_norm.item(), lr, 1000 * step_s, tokens_per_s, left)
 
     def stop(self, it, signum, sums):
@@ -368,7 +368,7 @@ def run(c, ckpt, rt):
     fingerprint = (ckpt or {}).get('base_fingerprint') or (base_fingerprint(raw_model) if c.checkpoint == 'adapter'
                                                            else None)
     if ckpt is None and c.lora_init != 'default':
-        variants().pissa_init(raw_model, pissa_iterations(c.lora_init))
+        as_config_error(variants().pissa_init, raw_model, pissa_iterations(c.lora_init))
     trainable, total, pct = parameter_summary(raw_model)
     progress = Progress(base_model, fingerprint, ckpt)
     if rt.master:

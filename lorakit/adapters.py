@@ -86,12 +86,22 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
     """
     LoRA on any PyTorch model: each nn.Linear whose qualified name matches target_modules (a regular
     expression matched against the whole name, or a list of names) becomes a lora.LoRALinear holding the
-    same weights, in the same place. Returns the model; make only the LoRA matrices train with
-    mark_only_lora_as_trainable(model). A pattern that matches no nn.Linear is a ValueError naming those
-    there are.
+    same weights, in the same place (every place, when a layer is registered under several names).
+    Returns the model; make only the LoRA matrices train with mark_only_lora_as_trainable(model). What
+    cannot keep the layer's exact function is a ValueError naming the layer: a pattern that matches no
+    nn.Linear (it names those there are), a pruned or weight-normalised layer (its weight is computed),
+    a weight shared with another module (merging would change both), a rank that is not a whole number >= 1.
     """
     from lora import LoRALinear
-    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    if type(lora_rank) is not int or lora_rank < 1:
+        raise ValueError(f"lora_rank must be a whole number >= 1, not {lora_rank!r}")
+    if isinstance(target_modules, str) and not target_modules:
+        raise ValueError("target_modules is empty: give a regular expression or a list of layer names")
+    places = {}  # every name of every nn.Linear: a module registered twice has two
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear) and not callable(getattr(m, "is_lora", None)):
+            places.setdefault(id(m), (m, []))[1].append(name)
+    linears = {name: m for m, names in places.values() for name in names}
     if isinstance(target_modules, str):
         chosen = [name for name in linears if re.fullmatch(target_modules, name)]
     else:
@@ -100,8 +110,23 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
     if not chosen or unknown:
         raise ValueError(f"target_modules {target_modules!r} names no nn.Linear of the model"
                          f"{' (' + unknown[0] + ' is none)' if unknown else ''}; it has: {', '.join(linears) or 'none'}")
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
     for name in chosen:
         old = linears[name]
+        extra = sorted(set(old.state_dict()) - {"weight", "bias"})
+        if extra or getattr(old, "parametrizations", None) or old._forward_pre_hooks:
+            raise ValueError(f"{name} computes its weight ({', '.join(extra) or 'a parametrization or hook'}: pruned or "
+                             f"weight-normalised): remove that first (torch.nn.utils.prune.remove), then add LoRA")
+        ties = [n for n in shared.get(id(old.weight), []) if n.rpartition(".")[0] not in places[id(old)][1]]
+        if ties:
+            raise ValueError(f"{name}'s weight is shared with {ties[0]} (tied): merging LoRA into it would change "
+                             f"both; untie them first, or leave {name} out")
+    for name in dict.fromkeys(chosen):
+        old = linears[name]
+        if isinstance(model.get_submodule(name), LoRALinear):
+            continue  # done under another of its names
         new = LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device,
                          dtype=old.weight.dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         new.load_state_dict(old.state_dict(), strict=False)  # the same W and b; A drawn, B zero
@@ -110,18 +135,19 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
             new.bias.requires_grad_(old.bias.requires_grad)
         new.train(old.training)
         rescale(new, lora_alpha, rslora)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        for where in places[id(old)][1]:  # every name the layer has
+            parent, _, child = where.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
 
 
 def pissa_iterations(lora_init):
     """lora_init's randomised-SVD iterations: None for the exact SVD (pissa) or for default, N for
-    pissa_niter_N; False for anything else."""
+    pissa_niter_N (1 to 100: more is slower than the exact SVD); False for anything else."""
     if lora_init in ("default", "pissa"):
         return None
-    m = re.fullmatch(r"pissa_niter_([0-9]+)", lora_init)
-    return int(m.group(1)) if m and int(m.group(1)) >= 1 else False
+    m = re.fullmatch(r"pissa_niter_([0-9]{1,3})", lora_init)
+    return int(m.group(1)) if m and 1 <= int(m.group(1)) <= 100 else False
 
 
 VARIANTS_MISSING = ("DoRA, PiSSA and LoRA on qv's slices are in lorakit/variants.py, which ships with the solution, "

@@ -134,14 +134,19 @@ def model_from_checkpoint(ckpt, path):
     """The model of a train.py checkpoint dict read from path, whole or adapter-only."""
     # torch.compile and DDP prefix the parameter names
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    pissa = str(ckpt.get("config", {}).get("lora_init", "default")).startswith("pissa")
+    if pissa and not any(is_lora_param(k, "lora_A0") for k in state):
+        raise ValueError(f"{path} is a PiSSA run's checkpoint without its initial A and B (lora_A0, lora_B0): without "
+                         f"them its base cannot be rebuilt; use the checkpoint train.py wrote")
     try:
         if ckpt.get("adapter_only"):  # only the LoRA tensors: the rest is the base model the run started from
             return _adapter_model(path, ckpt, state)
         model = GPT(GPTConfig(**ckpt["model_args"]))
         load_weights(model, state)
         return model
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{path} does not match its own model settings: {str(e).splitlines()[0]}") from None
+    except (TypeError, RuntimeError, AssertionError) as e:  # GPTConfig's checks are asserts
+        what = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"{path} does not match its own model settings: {what[:400] or type(e).__name__}") from None
 
 
 def load_checkpoint(path, device="cpu"):

@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -185,12 +186,13 @@ def append_line(path, record, then="continue the run with --init_from=resume"):
 
 
 def read_json(path, default=None):
-    """The JSON in path, or default where it is missing or not JSON."""
+    """The JSON object (a dict) in path, or default where it is missing, not JSON, or JSON of another form."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (OSError, ValueError):
         return default
+    return value if isinstance(value, dict) else default
 
 
 def read_jsonl(path):
@@ -401,3 +403,21 @@ def get_lr(c, it):
     ratio = min(1.0, (it - c.warmup_iters) / decay_iters)
     min_lr = c.min_lr or c.learning_rate / 10
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - min_lr)
+
+
+TEXT_LIMIT = 1 << 20  # bytes of a reviews_file or prompt file read at most
+
+
+def read_text(path, what):
+    """A regular file's text (never a device or a pipe, which may never end), up to TEXT_LIMIT bytes."""
+    path = os.path.expanduser(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file: give a text file")
+        with open(path, 'rb') as f:
+            data = f.read(TEXT_LIMIT + 1)
+        if len(data) > TEXT_LIMIT:
+            raise ConfigError(f"{what} {path} is larger than {TEXT_LIMIT >> 20} MB: give a shorter text")
+        return data.decode('utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None

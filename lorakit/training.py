@@ -29,10 +29,12 @@ def check_settings(c):
         (c.lora_plus_ratio <= 0, f"lora_plus_ratio must be > 0 (1 is plain LoRA), not {c.lora_plus_ratio}"),
         one_of('lora_variant', c.lora_variant, LORA_VARIANTS),
         (pissa_iterations(c.lora_init) is False,
-         f"lora_init must be default, pissa or pissa_niter_N (N >= 1), not {c.lora_init!r}"),
+         f"lora_init must be default, pissa or pissa_niter_N (N from 1 to 100), not {c.lora_init!r}"),
         *[(c.lora_rank == 0 and c.init_from != 'resume' and not is_default, f"{name}={c[name]} changes LoRA's update: it "
            f"needs lora_rank > 0 (0 is full fine-tuning)") for name, is_default in (
-              ('lora_variant', c.lora_variant == 'lora'), ('lora_init', c.lora_init == 'default'))],
+              ('lora_variant', c.lora_variant == 'lora'), ('lora_init', c.lora_init == 'default'),
+              ('lora_scaling', c.lora_scaling == 'standard'), ('lora_plus_ratio', c.lora_plus_ratio == 1.0))],
+        (c.out_dir.strip().lower() in ('', 'none', 'null'), f"out_dir={c.out_dir!r} reads as no folder: name one"),
         (c.lora_targets == 'qv' and (c.lora_variant != 'lora' or c.lora_init != 'default'),
          "DoRA and PiSSA adapt whole weights, not qv's slices of c_attn: use lora_targets attn or attn_mlp"),
         (c.lora_variant == 'dora' and c.lora_init != 'default', "DoRA with PiSSA's start is not supported: pick one"),

@@ -195,7 +195,8 @@ class DoRALinear(AdaptedLinear):
     def _norm(self, weight=None):
         """||W + s B A|| of each output feature's row, in float32."""
         W = self._unmerged_weight() if weight is None else weight
-        return torch.linalg.vector_norm(W.float() + super().delta_weight(), dim=1)
+        # a row of zeros has no direction: its norm kept off zero, so it stays zeros instead of NaN
+        return torch.linalg.vector_norm(W.float() + super().delta_weight(), dim=1).clamp_min(1e-12)
 
     def forward(self, x):
         if self.has_weights_merged:
@@ -293,11 +294,14 @@ def pissa_init(model, niter=None):
     alone rebuilds the residual from the original base (load_pissa). The model.
     """
     from lorakit.adapters import lora_layers
-    for _, m in lora_layers(model):
+    for name, m in lora_layers(model):
         if isinstance(m, LoRASlicedLinear):
             raise ValueError("PiSSA starts from the singular vectors of a whole weight, not of slices of it: "
                              "use lora_targets attn or attn_mlp")
         W, r = m.weight.float(), m.lora_A.shape[0]
+        if r > min(W.shape):
+            raise ValueError(f"PiSSA of rank {r} needs a layer at least that wide, and {name} is {tuple(W.shape)}: "
+                             f"use --lora_rank={min(W.shape)} or less")
         if niter is None:
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         else:
