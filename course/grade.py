@@ -54,6 +54,7 @@ OUTPUT_LIMIT = 2000  # characters of a test's output kept in results.json
 READ_LIMIT = 16 << 20  # bytes of a worker's answers read at most
 FILE_LIMIT = 64 << 20  # bytes a worker may write to one file
 PROCESSES = 512  # processes and threads of the worker's user (torch starts threads)
+MODEL_PROBES = ("build_model", "accuracy")  # the probes that read the tiny models
 WORKER_UID = 61000 + os.getpid() % 4000  # as root: an unprivileged user no one else is
 
 
@@ -126,7 +127,7 @@ def read_regular(path):
 
 # --- the worker's folder and process --------------------------------------------------------------------
 
-def make_sandbox(work, folder, refused, answers):
+def make_sandbox(work, folder, refused, answers, models=True):
     """The worker's folder: the starter without its tests, the submission's handout files, probes.py, worker.py
     and the files the tests read; and the files' paths, relative to the folder."""
     sandbox = os.path.join(work, "sandbox")
@@ -138,7 +139,7 @@ def make_sandbox(work, folder, refused, answers):
                 f.write(read_regular(path))
     for name in ("worker.py", "tests/probes.py"):
         shutil.copyfile(os.path.join(HERE, name), os.path.join(sandbox, os.path.basename(name)))
-    files = checks.make_files(os.path.join(sandbox, "files"), {**checks.ANSWERS, **answers})
+    files = checks.make_files(os.path.join(sandbox, "files"), {**checks.ANSWERS, **answers}, models)
     return sandbox, {k: os.path.relpath(v, sandbox) for k, v in files.items()}  # a worker's folder is its cwd
 
 
@@ -359,7 +360,8 @@ def grade(folder, refused, c, seed=None):
     work, slots = tempfile.mkdtemp(prefix="grade-"), []
     try:
         os.chmod(work, 0o711)
-        sandbox, files = make_sandbox(work, folder, refused, answers)
+        # the tiny models only where a chosen TODO's tests read them
+        sandbox, files = make_sandbox(work, folder, refused, answers, any(t.probe in MODEL_PROBES for t in tests))
         inputs = [t.inputs(g, files) for t in tests]
         for n in range(c.parallel if drop_to else 1):
             copy = sandbox if n == 0 else shutil.copytree(sandbox, f"{sandbox}-{n}", symlinks=True)

@@ -30,9 +30,23 @@ def test_run_all_works_after_setting_only_the_way_in(tiny_ckpt, reviews, tmp_pat
     assert f"working in {tmp_path}" in outputs
     assert "P(negative)" in outputs and "Accuracy:" in outputs and "Sentiment:" in outputs
     assert "x no LoRA (" in outputs  # question 2.1's ratios come with their spread
-    for path in ("gpt-lora-default/loss_curve.png", "gpt2-medium-4-shot/results.json", "sweep/results.md",
+    name = os.path.basename(tiny_ckpt)  # the untouched model's folders are named after it
+    for path in ("gpt-lora-default/loss_curve.png", f"{name}-4-shot/results.json", "sweep/results.md",
                  "gpt-lora-default/hf/model.safetensors", "gpt-lora-default/peft/adapter_config.json"):
-        assert (tmp_path / path).is_file(), path
+        assert (tmp_path / f"quick-{path}").is_file(), path  # QUICK's runs keep out of the real runs' folders
+        assert not (tmp_path / path.split("/")[0]).exists(), path
+
+
+def test_quick_must_be_true_or_false(tmp_path):
+    nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    first.source = first.source.replace('WAY_IN = "drive"', 'WAY_IN = "here"').replace("QUICK = False", 'QUICK = "False"')
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            os.symlink(ROOT / name, tmp_path / name)
+    nb.cells = [first]
+    with pytest.raises(CellExecutionError, match="QUICK must be True or False, without quotes"):
+        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
 
 def test_run_all_stops_at_the_first_failed_command(tmp_path):

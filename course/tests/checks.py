@@ -378,12 +378,14 @@ def write_reviews(path):
     return str(path)
 
 
-def make_files(folder, answers=ANSWERS):
-    """The files the tests read, made in folder: {name: path}."""
+def make_files(folder, answers=ANSWERS, models=True):
+    """The files the tests read, made in folder: {name: path}; the tiny models only with models."""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
-    files = dict(reviews_dir=write_reviews(os.path.join(folder, "reviews")),
-                 model_dir=save_gpt2(os.path.join(folder, "tiny-gpt2")))
+    files = dict(reviews_dir=write_reviews(os.path.join(folder, "reviews")))
+    if not models:
+        return files
+    files["model_dir"] = save_gpt2(os.path.join(folder, "tiny-gpt2"))
     for name, word in answers.items():
         (token,) = enc.encode_ordinary(word)
         files[name] = save_gpt2(os.path.join(folder, name), answer=token)
