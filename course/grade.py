@@ -148,7 +148,8 @@ def privileges():
     if os.geteuid() != 0:
         return False, ["not root: the workers run as this user, so they can read what it reads and write where it "
                        "writes (a container, or running as root, gives them a user of their own)"]
-    code = f"import os, sys, torch; sys.exit(3 if os.access({os.path.join(ROOT, 'course')!r}, os.R_OK) else 0)"
+    code = (f"import importlib.util, os, sys; importlib.util.find_spec('torch').loader.get_data(importlib.util."
+            f"find_spec('torch').origin); sys.exit(3 if os.access({os.path.join(ROOT, 'course')!r}, os.R_OK) else 0)")
     try:
         status = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: drop(WORKER_UID), cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode

@@ -97,8 +97,10 @@ def test_a_course_style_lora_py_drops_in_scores_full_marks_and_trains_evaluates_
     sub.mkdir()
     for f in HANDOUT:
         shutil.copyfile(ROOT / ("tests/course_style/lora.py" if f == "lora.py" else f), sub / f)
-    out, lost, table = grade(sub, tmp_path)
-    assert out["score"] == 35 and not lost, table
+    lora_tasks = "LoRALinear.__init__,LoRALinear.reset_parameters,LoRALinear.forward,LoRALinear.train,LoRALinear.eval," \
+                 "mark_only_lora_as_trainable"  # the other files' tests stand in for lora.py (Recorder): the same
+    out, lost, table = grade(sub, tmp_path, f"--tasks={lora_tasks}")
+    assert out["score"] == 23 and not lost, table  # all of lora.py's points, public and hidden
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "bench"))
     shutil.copyfile(sub / "lora.py", repo / "lora.py")

@@ -98,7 +98,7 @@ def test_score_mode_picks_the_likelier_label_word(tiny_ckpt, reviews, tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--max_new_tokens=0", "max_new_tokens must be >= 1"), ("--temperature=-1.0", "temperature must be >= 0"),
+    ("--max_new_tokens=0", "max_new_tokens must be >= 1"), ("--temperature=-1.0", "temperature must be 0 .greedy. or at least 1e-6"),
     ("--num_samples=-1", "num_samples must be >= 1"), ("--mode=vote", "mode must be one of generate, score, not 'vote'"),
 ])
 def test_bad_settings(tmp_path, flag, message):

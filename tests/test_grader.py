@@ -161,10 +161,10 @@ def test_every_attack_scores_zero_and_leaves_nothing_behind(setup):
     os.chmod(shared, 0o777)  # the workers may write here: what they write after the grading must not change
     left = pathlib.Path(shared) / "left-behind"
     before = digest(s["repo"])
-    for name, attack in (("everything", ATTACKS), ("exit", EXIT)):
+    for name, attack, tasks in (("everything", ATTACKS, []), ("exit", EXIT, ["--tasks=LoRALinear.forward"])):
         sub = hostile(s, name, attack.replace("@MARK@", MARK).replace("@HOME@", str(s["home"]))
                       .replace("@LEFT@", str(left)).replace("@REPO@", str(s["repo"])))
-        result, out, results = grade(s, sub)
+        result, out, results = grade(s, sub, *tasks)
         assert "isolation not given" not in result["output"], result["output"]
         assert result["score"] == 0, out
     time.sleep(2)  # a survivor would forge results.json or write on now
@@ -194,12 +194,12 @@ def test_a_hang_costs_one_timeout_per_task_within_the_budget(setup):
     s = setup
     sub = hostile(setup, "hang", "while True:\n    pass\n")
     t0 = time.time()
-    result, _, _ = grade(s, sub, "--timeout=4", "--budget=12")
+    result, _, _ = grade(s, sub, "--timeout=3", "--budget=7")
     took = time.time() - t0
     outputs = {r["output"] for r in result["tests"]}
-    assert result["score"] == 0 and "timed out after 4 s" in outputs
+    assert result["score"] == 0 and "timed out after 3 s" in outputs
     assert "not run: the grading's time budget ran out" in outputs
-    assert took < 12 + 30, took  # the budget, plus making the files and starting Python
+    assert took < 7 + 30, took  # the budget, plus making the files and starting Python
 
 
 def test_the_inputs_are_checked_before_any_grading(setup, tmp_path):
