@@ -111,11 +111,14 @@ class LoRALinear(nn.Linear):
         return out
 
     # BEGIN SOLUTION LoRALinear.eval
+    def _update(self):
+        return self.lora_scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())  # in float32
+
     @torch.no_grad()
     def _add_update(self, sign):
         """W +/- (alpha / r) B A, added in float32 and rounded once (a half-precision W too); an update that
         holds NaN or inf (a diverged run) is refused rather than spread into W."""
-        delta = self.lora_scaling * (self.lora_B.float() @ self.lora_A.float())
+        delta = self._update()
         if not torch.isfinite(delta).all():
             raise ValueError("the LoRA update holds NaN or infinite values (the training diverged); "
                              "refusing to add it to the weights")
@@ -128,8 +131,7 @@ class LoRALinear(nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.has_weights_merged:
             W = destination[prefix + "weight"].detach()
-            delta = self.lora_scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-            destination[prefix + "weight"] = (W.float() - delta).to(W.dtype)
+            destination[prefix + "weight"] = (W.float() - self._update()).to(W.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
         merged = self.has_weights_merged
