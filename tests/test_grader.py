@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,7 +24,20 @@ MARK = "hostile-submission-marker"
 COPY = ["lora.py", "model.py", "dataloader.py", "train.py", "generate.py", "configurator.py", "sweep.py", "export.py",
         "requirements.txt", "requirements-dev.txt", "run_in_colab.ipynb", ".gitignore", "configs", "lorakit", "course",
         "bench"]
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the workers' own user needs root, as on Gradescope and CI")
+
+
+def _isolation():
+    """Why the workers cannot have a user of their own here, or None: it needs root (as on Gradescope and CI) and a
+    Python that user can run (not one under /root)."""
+    if os.geteuid() != 0:
+        return "the workers' own user needs root"
+    sys.path[:0] = [str(ROOT / "course"), str(ROOT / "course" / "tests")]
+    import grade
+    drop, notes = grade.privileges()
+    return None if drop else notes[0]
+
+
+root_only = pytest.mark.skipif(_isolation() is not None, reason=str(_isolation()))
 
 
 def digest(folder):
