@@ -24,6 +24,11 @@ def is_lora_layer(module):
     return isinstance(module, nn.Linear) and callable(getattr(module, "is_lora", None)) and module.is_lora()
 
 
+def is_conv1d(module):
+    """transformers' Conv1D (GPT-2's projections): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 def lora_layers(model):
     """[(name, layer)] of model's layers with LoRA."""
     return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
@@ -84,9 +89,10 @@ def rescale(model, lora_alpha, rslora):
 
 def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, rslora=False):
     """
-    LoRA on any PyTorch model: each nn.Linear whose qualified name matches target_modules (a regular
-    expression matched against the whole name, or a list of names) becomes a lora.LoRALinear holding the
-    same weights, in the same place (every place, when a layer is registered under several names).
+    LoRA on any PyTorch model: each nn.Linear (or transformers' Conv1D, as in its GPT-2) whose qualified name
+    matches target_modules (a regular expression matched against the whole name, or a list of names) becomes
+    a lora.LoRALinear holding the same weights, in the same place (every place, when a layer is registered
+    under several names).
     Returns the model; make only the LoRA matrices train with mark_only_lora_as_trainable(model). What
     cannot keep the layer's exact function is a ValueError naming the layer: a pattern that matches no
     nn.Linear (it names those there are), a pruned or weight-normalised layer (its weight is computed),
@@ -97,9 +103,9 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
         raise ValueError(f"lora_rank must be a whole number >= 1, not {lora_rank!r}")
     if isinstance(target_modules, str) and not target_modules:
         raise ValueError("target_modules is empty: give a regular expression or a list of layer names")
-    places = {}  # every name of every nn.Linear: a module registered twice has two
+    places = {}  # every name of every linear layer: a module registered twice has two
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear) and not callable(getattr(m, "is_lora", None)):
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and not callable(getattr(m, "is_lora", None)):
             places.setdefault(id(m), (m, []))[1].append(name)
     linears = {name: m for m, names in places.values() for name in names}
     if isinstance(target_modules, str):
@@ -108,7 +114,7 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
         chosen = list(target_modules)
     unknown = [name for name in chosen if name not in linears]
     if not chosen or unknown:
-        raise ValueError(f"target_modules {target_modules!r} names no nn.Linear of the model"
+        raise ValueError(f"target_modules {target_modules!r} names no nn.Linear or Conv1D of the model"
                          f"{' (' + unknown[0] + ' is none)' if unknown else ''}; it has: {', '.join(linears) or 'none'}")
     shared = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -127,9 +133,13 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
         old = linears[name]
         if isinstance(model.get_submodule(name), LoRALinear):
             continue  # done under another of its names
-        new = LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device,
-                         dtype=old.weight.dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        new.load_state_dict(old.state_dict(), strict=False)  # the same W and b; A drawn, B zero
+        W = old.weight.t() if is_conv1d(old) else old.weight  # Conv1D keeps W as (in, out)
+        new = LoRALinear(W.shape[1], W.shape[0], bias=old.bias is not None, device=W.device, dtype=W.dtype,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        with torch.no_grad():  # the same W and b; A drawn, B zero
+            new.weight.copy_(W)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
         new.weight.requires_grad_(old.weight.requires_grad)
         if old.bias is not None:
             new.bias.requires_grad_(old.bias.requires_grad)

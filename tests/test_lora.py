@@ -269,7 +269,34 @@ def test_add_lora_adapts_the_named_linears_of_any_model():
 
 
 def test_add_lora_names_the_layers_there_are_when_nothing_matches():
-    with pytest.raises(ValueError, match="names no nn.Linear of the model; it has: q_proj, k_proj, v_proj, head"):
+    with pytest.raises(ValueError, match="names no nn.Linear or Conv1D of the model; it has: q_proj, k_proj, v_proj, head"):
         add_lora(Encoder(), r"attn\..*")
     with pytest.raises(ValueError, match=r"\(norm is none\)"):
         add_lora(Encoder(), ["q_proj", "norm"])
+
+
+def test_add_lora_on_transformers_gpt2_whose_projections_are_conv1d():
+    """transformers' GPT-2 keeps its projections as Conv1D, W stored (in, out): LoRA on them starts from the
+    model's own outputs, trains, and merged gives what it gives un-merged."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    idx = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before = hf(input_ids=idx).logits
+    add_lora(hf, r"transformer\.h\.\d+\.attn\.c_attn", lora_rank=4, lora_alpha=8)
+    assert isinstance(hf.transformer.h[1].attn.c_attn, LoRALinear)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, before, atol=1e-6, rtol=0)
+    mark_only_lora_as_trainable(hf).train()
+    optimizer = torch.optim.SGD([p for p in hf.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        hf(input_ids=idx, labels=idx).loss.backward()
+        optimizer.step()
+    hf.eval()
+    with torch.no_grad():
+        trained = hf(input_ids=idx).logits
+        assert not torch.allclose(trained, before)
+        torch.testing.assert_close(merge_lora(hf)(input_ids=idx).logits, trained, atol=1e-5, rtol=0)
