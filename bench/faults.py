@@ -913,6 +913,75 @@ def _(e, w):
     return r, two.returncode == 0 and losses[0] == losses[1] != []
 
 
+# --- round four: the starter writer, the sweep's grid, settings that change nothing, files that never end --
+
+def refused_leaving(e, w, script, *args, message, untouched=()):
+    """(result, verdict) of a command that must be refused with message (refused()), leaving the folders untouched
+    names as they were."""
+    before = {p: os.listdir(p) if os.path.isdir(p) else None for p in untouched}
+    r = e.cli(script, *args)
+    return r, refused(r, says=message) and all(
+        (os.listdir(p) if os.path.isdir(p) else None) == kept for p, kept in before.items())
+
+
+@case("round four", "make_starter --overwrite=True into a folder it did not write: refused, its files kept")
+def _(e, w):
+    Path(w, "mine").mkdir()
+    Path(w, "mine", "notes.txt").write_text("mine")
+    return refused_leaving(e, w, "course/make_starter.py", f"--out_dir={w}/mine", "--overwrite=True",
+                   message="holds no starter written by this command", untouched=[f"{w}/mine"])
+
+
+@case("round four", "make_starter --overwrite=True into the repository's docs: refused")
+def _(e, w):
+    return refused_leaving(e, w, "course/make_starter.py", f"--out_dir={e.repo}/docs", "--overwrite=True",
+                   message="lies inside it", untouched=[f"{e.repo}/docs"])
+
+
+@case("round four", "make_starter --overwrite=True into a link to the repository: refused")
+def _(e, w):
+    os.symlink(e.repo, os.path.join(w, "link"))
+    return refused_leaving(e, w, "course/make_starter.py", f"--out_dir={w}/link", "--overwrite=True",
+                   message="is this repository", untouched=[e.repo])
+
+
+for _name, _args, _message in [
+        ("train_args that change the grid's method: refused", ["--variants=pissa", "--train_args=--lora_init=default"],
+         "train_args sets lora_init"),
+        ("train_args that change the grid's rank: refused", ["--ranks=4", "--train_args=--rank=2"],
+         "train_args sets lora_rank"),
+        ("a variant named twice: refused", ["--variants=dora,dora"], "variants names a choice twice")]:
+    case("round four", f"sweep.py {_name}")(
+        lambda e, w, a=_args, m=_message: refused_leaving(e, w, "sweep.py", *a, f"--out_dir={w}/sweep", message=m,
+                                                  untouched=[w]))
+
+for _name, _args, _message in [
+        ("pissa_niter_² (a digit, not an ASCII one)", ["--lora_init=pissa_niter_²"], "pissa_niter_N"),
+        ("pissa_niter_1000000000", ["--lora_init=pissa_niter_1000000000"], "N from 1 to 100"),
+        ("rslora at rank 0", ["--rank=0", "--lora_scaling=rslora"], "changes LoRA's update"),
+        ("LoRA+ at rank 0", ["--rank=0", "--lora_plus_ratio=16"], "changes LoRA's update"),
+        ("PiSSA of a rank above the layer's width", ["--lora_init=pissa", "--rank=64"], "needs a layer at least")]:
+    case("round four", f"train.py with {_name}: one line")(
+        lambda e, w, a=_args, m=_message: refused_leaving(e, w, "train.py", *e.flags(f"{w}/run"), *a, message=m))
+
+
+@case("round four", "train.py --out_dir=None: one line, no folder named None")
+def _(e, w):
+    r = e.cli("train.py", *e.flags("None"))
+    return r, r.error_line() and "reads as no folder" in r.last and not os.path.exists(os.path.join(e.repo, "None"))
+
+
+for _name, _args, _message in [
+        ("--prompt=FILE:/dev/zero", ["--prompt=FILE:/dev/zero"], "is not a regular file"),
+        ("--temperature=1e-320", ["--temperature=1e-320", "--prompt=The film"], "at least 1e-6"),
+        ("--prompt with --review", ["--prompt=The film", "--review=a gem"], "give one of them")]:
+    case("round four", f"generate.py {_name}: one line")(
+        lambda e, w, a=_args, m=_message: refused_leaving(e, w, "generate.py", f"--init_from={e.base}", *a, message=m))
+
+case("round four", "python model.py --ranks=abc: one line")(
+    lambda e, w: refused_leaving(e, w, "model.py", "--ranks=abc", message="ranks must be whole numbers"))
+
+
 def main(argv):
     c = configure(DEFAULTS, argv)
     repo = os.path.abspath(c.repo)
