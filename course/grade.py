@@ -6,9 +6,9 @@ write Gradescope's results.json:
 
 The grader trusts nothing a submission can touch. The submission's code runs only in worker processes
 (course/worker.py), one per TODO, in a folder holding the starter, the submission's files, the probes
-and the test files, never the checks or the solution; a worker returns values (tensors, numbers,
-strings) and this process, which never imports submitted code, judges them against inputs it drew
-from a secret seed. Each worker is killed with everything it started before the next begins. As root
+and the small files they read, never the checks or the solution; a worker returns values (tensors,
+numbers, strings) and this process, which never imports submitted code, judges them against inputs it
+drew from a secret seed. Each worker is killed with everything it started once its TODO is done. As root
 (Gradescope, CI) a worker also runs as an unprivileged user of its own, owning only its folder, with
 limits on memory, processes, file size and time; without root, the grader says what it could not give.
 """
