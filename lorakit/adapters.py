@@ -34,6 +34,12 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
 
 
+def replace_layer(model, name, layer):
+    """layer in model's place name (a qualified name, as named_modules gives it)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
 def merge_lora(model):
     """Each LoRA layer's eval(): its update folded into W, for inference. The model."""
     for _, m in lora_layers(model):
@@ -146,8 +152,7 @@ def add_lora(model, target_modules, lora_rank=8, lora_alpha=16.0, lora_dropout=0
         new.train(old.training)
         rescale(new, lora_alpha, rslora)
         for where in places[id(old)][1]:  # every name the layer has
-            parent, _, child = where.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            replace_layer(model, where, new)
     return model
 
 
@@ -164,15 +169,19 @@ VARIANTS_MISSING = ("DoRA, PiSSA and LoRA on qv's slices are in lorakit/variants
                     "not the starter: drop --lora_variant, --lora_init and --lora_targets=qv")
 
 
+def has_variants():
+    return importlib.util.find_spec("lorakit.variants") is not None  # the starter has none
+
+
 def variants_needed(lora_targets="attn", lora_variant="lora", lora_init="default"):
     """Whether these settings need lorakit/variants.py and it is not there (the starter)."""
     wanted = lora_targets == "qv" or lora_variant != "lora" or lora_init != "default"
-    return wanted and importlib.util.find_spec("lorakit.variants") is None
+    return wanted and not has_variants()
 
 
 def variants():
     """lorakit.variants, or a ValueError saying it ships with the solution only."""
-    if variants_needed(lora_variant="dora"):
+    if not has_variants():
         raise ValueError(VARIANTS_MISSING)
     from lorakit import variants
     return variants

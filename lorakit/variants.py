@@ -170,17 +170,15 @@ class DoRALinear(AdaptedLinear):
         """A DoRALinear with a LoRA layer's W, b, A, B, scaling and dropout (any layer with lora_A and lora_B,
         un-merged); m from its weights."""
         rank = layer.lora_A.shape[0]
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device,
-                  dtype=layer.weight.dtype, lora_rank=rank, lora_alpha=layer.lora_scaling * rank,
-                  lora_dropout=layer.lora_dropout.p)
+        new = _copy_of(layer, cls, lora_rank=rank, lora_alpha=layer.lora_scaling * rank,
+                       lora_dropout=layer.lora_dropout.p)
         with torch.no_grad():
-            for name in ("weight", "bias", "lora_A", "lora_B"):
-                if getattr(layer, name) is not None:
-                    getattr(new, name).copy_(getattr(layer, name))
+            new.lora_A.copy_(layer.lora_A)
+            new.lora_B.copy_(layer.lora_B)
         new.lora_scaling = layer.lora_scaling  # exactly, rsLoRA's too
         new.reset_magnitude()
         new.lora_magnitude.requires_grad_(layer.lora_A.requires_grad)
-        return new.train(layer.training)
+        return new
 
     def __init__(self, *args, **kwargs):
         self._factor = None  # m / ||W + s B A|| while merged
@@ -243,14 +241,9 @@ class DoRALinear(AdaptedLinear):
         return super().extra_repr() + ", dora"
 
 
-def replace_layer(model, name, layer):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 def use_dora(model):
     """Every LoRA layer of model (a GPT's, after its LoRA settings), in place, a DoRALinear; the model."""
-    from lorakit.adapters import lora_layers
+    from lorakit.adapters import lora_layers, replace_layer
     for name, m in lora_layers(model):
         replace_layer(model, name, DoRALinear.from_lora(m))
     return model
