@@ -70,7 +70,8 @@ def hidden_tests():
 # --- the inputs, checked before anything is graded ------------------------------------------------------
 
 def check_inputs(c):
-    """(submission folder, results path, {handout file: why it is refused}), or a ConfigError."""
+    """(submission folder, results path, [handout files it holds], {handout file: why it is refused}), or a
+    ConfigError."""
     folder = os.path.abspath(os.path.expanduser(c.submission)) if c.submission else ''
     if not folder or not os.path.isdir(folder):
         raise ConfigError(f"submission must be a folder holding the handout files, not {c.submission!r}")
@@ -104,7 +105,7 @@ def check_inputs(c):
         raise ConfigError(f"{c.submission} holds none of {', '.join(HANDOUT_FILES)}")
     for name, why in refused.items():
         print(f"refused: {name} {why}; graded as missing")
-    return folder, out, refused
+    return folder, out, present, refused
 
 
 def chosen_tasks(c):
@@ -113,30 +114,22 @@ def chosen_tasks(c):
 
 def read_regular(path):
     """The bytes of a regular file, never through a link (it may have changed since it was checked)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            fd = None
-            return f.read()
-    finally:
-        if fd is not None:
-            os.close(fd)
+        return f.read()
 
 
 # --- the worker's folder and process --------------------------------------------------------------------
 
-def make_sandbox(work, folder, refused, answers, models=True):
+def make_sandbox(work, folder, present, answers, models=True):
     """The worker's folder: the starter without its tests, the submission's handout files, probes.py, worker.py
     and the files the tests read; and the files' paths, relative to the folder."""
     sandbox = os.path.join(work, "sandbox")
     write_starter(sandbox, tests=False)
-    for name in HANDOUT_FILES:
-        path = os.path.join(folder, name)
-        if name not in refused and os.path.lexists(path):
-            with open(os.path.join(sandbox, name), "wb") as f:
-                f.write(read_regular(path))
+    for name in present:
+        with open(os.path.join(sandbox, name), "wb") as f:
+            f.write(read_regular(os.path.join(folder, name)))
     for name in ("worker.py", "tests/probes.py"):
         shutil.copyfile(os.path.join(HERE, name), os.path.join(sandbox, os.path.basename(name)))
     files = checks.make_files(os.path.join(sandbox, "files"), {**checks.ANSWERS, **answers}, models)
@@ -349,20 +342,20 @@ class Slot:
                     time.sleep(0.1)
 
 
-def grade(folder, refused, c, seed=None):
+def grade(folder, present, refused, c):
     """Gradescope's results dict for a submission folder."""
     t0 = time.time()
     become_subreaper()
     hidden, answers = hidden_tests()
     chosen = chosen_tasks(c)
     tests = [t for t in list(checks.TESTS) + list(hidden) if t.task in chosen]
-    g = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+    g = torch.Generator().manual_seed(secrets.randbits(62))  # inputs no submission can know in advance
     drop_to, notes = privileges()
     work, slots = tempfile.mkdtemp(prefix="grade-"), []
     try:
         os.chmod(work, 0o711)
         # the tiny models only where a chosen TODO's tests read them
-        sandbox, files = make_sandbox(work, folder, refused, answers, any(t.probe in MODEL_PROBES for t in tests))
+        sandbox, files = make_sandbox(work, folder, present, answers, any(t.probe in MODEL_PROBES for t in tests))
         inputs = [t.inputs(g, files) for t in tests]
         for n in range(c.parallel if drop_to else 1):
             copy = sandbox if n == 0 else shutil.copytree(sandbox, f"{sandbox}-{n}", symlinks=True)
@@ -430,8 +423,8 @@ def judge(test, inputs, answer, why, printed):
 
 def main(argv):
     c = configure(settings_of(globals()), argv)
-    folder, out, refused = check_inputs(c)
-    result = grade(folder, refused, c)
+    folder, out, present, refused = check_inputs(c)
+    result = grade(folder, present, refused, c)
     width = max(len(r["name"]) for r in result["tests"])
     for r in result["tests"]:
         status = "ok" if r["status"] == "passed" else (r["output"].splitlines() or [""])[0][:100]

@@ -135,12 +135,13 @@ def check_reset_draws(i, v):
 
 # --- LoRALinear.forward --------------------------------------------------------------------------------
 
-def forward_inputs(shape=(3, 6), **more):
+def forward_inputs(shape=(3, 6), out_f=5, in_f=6, rank=2, scaling=0.75, trained=True, **probe_args):
+    """A forward probe's inputs: a layer of these shapes, x of shape (..., in_f), a seed; probe_args as they are
+    (merged_flag, dropout, requires_grad)."""
     def make(g, files):
-        i = lora_inputs(g, **{k: v for k, v in more.items() if k in ("out_f", "in_f", "rank", "scaling", "trained")})
-        x = torch.randn(*shape[:-1], i["W"].shape[1], generator=g)
-        return dict(i, x=x, **{k: v for k, v in more.items() if k in ("merged_flag", "dropout", "requires_grad")},
-                    seed=int(torch.randint(1 << 30, (1,), generator=g)))
+        i = lora_inputs(g, out_f, in_f, rank, scaling, trained)
+        x = torch.randn(*shape[:-1], in_f, generator=g)
+        return dict(i, x=x, **probe_args, seed=int(torch.randint(1 << 30, (1,), generator=g)))
     return make
 
 
@@ -276,10 +277,6 @@ def accuracy_check(expected, why):
     def check(i, v):
         assert tuple(v) == expected, f"{why}: {expected}, not {tuple(v)}"
     return check
-
-
-def files_inputs(**more):
-    return lambda g, files: dict(files, **more)
 
 
 # -----------------------------------------------------------------------------
