@@ -235,7 +235,8 @@ def hold_out_dir(out_dir, command):
     """
     Hold out_dir for as long as the block runs: a second command that would write there stops with one
     line naming the process that holds it. The hold is an flock on out_dir/.lock, which the kernel
-    drops when the holder dies however it dies, so a killed run's lock is taken over without a word.
+    drops when the holder dies however it dies, so a killed run's lock is taken over without a word, and
+    the temporaries of the atomic writes it was killed in are removed.
     out_dir is created if need be, and removed again if the block fails and leaves it empty.
     """
     created = not os.path.isdir(out_dir)
@@ -268,6 +269,13 @@ def hold_out_dir(out_dir, command):
     except BaseException:
         _remove_if_empty(out_dir, created)
         raise
+    if os.fstat(fd).st_size:  # a killed holder's record: what it was writing atomically is half a file
+        for name in os.listdir(out_dir):
+            if name.startswith('.') and name.endswith('.tmp'):  # save_atomic's temporaries
+                try:
+                    os.remove(os.path.join(out_dir, name))
+                except OSError:
+                    pass
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(dict(pid=os.getpid(), command=command,

@@ -166,6 +166,7 @@ def test_a_killed_holders_lock_is_taken_over(tiny_ckpt, reviews, tmp_path):
     p.kill()
     p.wait()
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == p.pid  # left behind by the kill
+    (tmp_path / ".ckpt.pt.k1ll3d.tmp").write_bytes(b"half")  # as a kill in mid-save leaves it
     train.main(flags(tiny_ckpt, reviews, tmp_path, "--init_from=resume", "--max_iters=100000", "--eval_only=True"))
     assert leftovers(tmp_path) == []
 
