@@ -12,6 +12,9 @@ or `--key-with-dashes=value`) overrides one setting. A text setting takes the va
 the type of the default, from a flag or a config file: an int is accepted for a float, never None, a
 callable or an integer beyond 64 bits. A leading ~ in a setting that names a file or folder is the
 home folder.
+
+A script that runs run_cli answers --help as soon as it imports this module: help_text reads the script's
+source alone, so the scripts import it before torch and the help costs no heavy import.
 """
 
 import ast
@@ -333,3 +336,22 @@ def _run(main, argv, script, errors):
         return 128 + e.signum
     except BrokenPipeError:  # a pipe that is not stdout or stderr
         return 1
+
+
+def _answer_help_early():
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not script or not any(arg in HELP for arg in sys.argv[1:]):
+        return
+    try:
+        with open(script) as f:
+            runs_cli = "run_cli(" in f.read()
+    except (OSError, UnicodeDecodeError):
+        return
+    if runs_cli:
+        out = _unbroken(sys.stdout)
+        print(help_text(script), file=out)
+        out.flush()
+        sys.exit(0)
+
+
+_answer_help_early()

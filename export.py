@@ -26,12 +26,12 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
+from configurator import ConfigError, configure, run_cli, settings_of  # first: --help skips torch
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save
 
 from lorakit.checkpoint import base_with_lora, load_checkpoint
 from lorakit.common import as_config_error, command_line, gpt2_encoding, hold_out_dir, hub_offline, save_atomic, sync_folder, write_json
-from configurator import ConfigError, configure, run_cli, settings_of
 from lorakit.hf_checkpoint import CONV1D_WEIGHTS, PEFT_PREFIX, peft_target_modules, peft_tensors
 from lorakit.adapters import is_lora_param, lora_layers, lora_state_dict, merge_lora
 

@@ -29,9 +29,9 @@ import sys
 import time
 from functools import partial
 
+from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of  # first: --help skips torch
 import torch
 
-from configurator import ConfigError, check, configure, one_of, override, run_cli, settings_of
 from lorakit.adapters import merge_lora
 from lorakit.checkpoint import ckpt_path, model_from_checkpoint, read_checkpoint
 from lorakit.common import (append_line, as_config_error, autocast, command_line, fetch_inputs, gpt2_encoding,

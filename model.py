@@ -22,6 +22,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from configurator import check, configure, one_of, run_cli, settings_of  # first: --help skips torch
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -345,7 +346,6 @@ class GPT(nn.Module):
 
 
 def print_parameter_table(argv):
-    from configurator import check, configure, one_of, settings_of
     from lorakit.adapters import lora_parameter_counts
     c = configure(settings_of(globals()), argv)
     ranks = [r.strip() for r in c.ranks.split(",")]
@@ -367,5 +367,4 @@ ranks = "16,128,196"
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    from configurator import run_cli
     sys.exit(run_cli(print_parameter_table, sys.argv[1:], __file__))

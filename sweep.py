@@ -28,8 +28,8 @@ import subprocess
 import sys
 import time
 
+from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of  # first: --help skips torch
 from lorakit.common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
-from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of
 from lorakit.data import EVAL_MODES
 from lorakit.prompts import OWN, TEMPLATES, prompt_errors, split_label_words
 from model import LORA_SCALINGS, LORA_TARGETS

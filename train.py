@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
 
+from configurator import ConfigError, Settings, override, run_cli, settings_of  # first: --help skips torch
 import torch
 
-from configurator import ConfigError, Settings, override, run_cli, settings_of
 from lorakit import training
 from lorakit.adapters import evaluating, parameter_summary, pissa_iterations, train_adapter_extras, variants
 from lorakit.checkpoint import (Progress, base_fingerprint, ckpt_path, diverged, mean_loss, model_from_checkpoint,

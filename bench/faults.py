@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
-from configurator import configure, run_cli, settings_of  # noqa: E402
+from configurator import configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
 from lorakit.common import write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -23,16 +23,17 @@ import sys
 import tempfile
 import time
 
-import tiktoken
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from configurator import configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
+
+import tiktoken  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
 from lorakit.common import pick_device, save_atomic, write_json  # noqa: E402
-from configurator import configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader  # noqa: E402
 from lorakit.data import load_splits  # noqa: E402
 from lora import mark_only_lora_as_trainable  # noqa: E402

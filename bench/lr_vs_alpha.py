@@ -23,9 +23,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from configurator import configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
 from lorakit.checkpoint import load_checkpoint  # noqa: E402
 from lorakit.common import write_json  # noqa: E402
-from configurator import configure, run_cli, settings_of  # noqa: E402
 from lorakit.adapters import lora_layers  # noqa: E402
 
 # -----------------------------------------------------------------------------

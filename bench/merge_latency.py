@@ -17,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configurator import check, configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
 from bench.timing import merge_latency  # noqa: E402
 from lorakit.common import pick_device  # noqa: E402
-from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from model import PRETRAINED_SHAPES  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -36,19 +36,20 @@ import sys
 import tempfile
 import time
 
-import tiktoken
-import torch
-from peft import LoraConfig, get_peft_model
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from configurator import check, configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
+
+import tiktoken  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from bench.timing import device_sync, merge_latency, timed_rounds  # noqa: E402
 from lorakit.hf_checkpoint import copy_lora_into_peft, peft_target_modules  # noqa: E402
 from lorakit.common import autocast, pick_device, save_atomic, write_json  # noqa: E402
-from configurator import check, configure, run_cli, settings_of  # noqa: E402
 from dataloader import CustomDataLoader  # noqa: E402
 from lorakit.data import load_splits, stratified_subset  # noqa: E402
 from lorakit.decoding import left_pad  # noqa: E402

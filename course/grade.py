@@ -29,14 +29,15 @@ import tempfile
 import threading
 import time
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE, os.path.join(HERE, "tests")]
 
+from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
+
+import torch  # noqa: E402
+
 import checks  # noqa: E402
-from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402
 from lorakit.common import WriteError, write_json  # noqa: E402
 from starter import HANDOUT_FILES, write_starter  # noqa: E402
 from worker import decode, encode  # noqa: E402

@@ -17,7 +17,7 @@ import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402
+from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
 from starter import FILES, ROOT  # noqa: E402
 
 # -----------------------------------------------------------------------------

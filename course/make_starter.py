@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402
+from configurator import ConfigError, configure, run_cli, settings_of  # noqa: E402  (first: --help skips torch)
 from lorakit.common import command_line, hold_out_dir  # noqa: E402
 from starter import ROOT, write_starter  # noqa: E402
 

@@ -219,3 +219,18 @@ def test_peft_adapters_of_other_kinds_are_refused_naming_the_field(tmp_path):
                        f"--out_dir={tmp_path / 'out-home'}", env=dict(os.environ, HOME=str(home)))
     assert code == 2 and str(home / "a") in err, err  # ~ is the home folder
     shutil.rmtree(home)
+
+
+# --- --help -----------------------------------------------------------------------------------------------
+
+HELPED = ["train.py", "generate.py", "sweep.py", "export.py", "model.py", "course/make_starter.py", "course/grade.py",
+          "course/make_autograder.py", "bench/perf.py", "bench/gpu.py", "bench/faults.py", "bench/peft_parity.py",
+          "bench/lr_vs_alpha.py", "bench/merge_latency.py"]
+
+
+@pytest.mark.parametrize("script", HELPED)
+def test_help_imports_no_torch_datasets_or_transformers(script):
+    code, out, err = cli("-X", "importtime", script, "--help")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert code == 0 and f"python {script}" in out and "settings (--key=value" in out
+    assert not imported & {"torch", "datasets", "transformers", "tiktoken", "peft"}, sorted(imported)
