@@ -13,13 +13,16 @@ from conftest import ROOT
 
 def test_run_all_works_after_setting_only_the_way_in(tiny_ckpt, reviews, tmp_path):
     nb = nbformat.read(ROOT / "run_in_colab.ipynb", as_version=4)
+    model = tmp_path / "my models" / "stand in"  # a path with spaces: every command must keep it whole
+    model.parent.mkdir()
+    os.symlink(tiny_ckpt, model)
     nbformat.validate(nb)
     for name in os.listdir(ROOT):  # a working copy whose outputs land in tmp_path
         if name.endswith(".py") or name in ("configs", "bench", "lorakit", "requirements.txt"):
             os.symlink(ROOT / name, tmp_path / name)
     first = next(c for c in nb.cells if c.cell_type == "code")
     settings = {'WAY_IN = "drive"': 'WAY_IN = "here"', "QUICK = False": "QUICK = True",
-                'MODEL = "gpt2-medium"': f'MODEL = "{tiny_ckpt}"', 'SMALL_MODEL = "gpt2"': f'SMALL_MODEL = "{tiny_ckpt}"',
+                'MODEL = "gpt2-medium"': f'MODEL = "{model}"', 'SMALL_MODEL = "gpt2"': f'SMALL_MODEL = "{model}"',
                 'DATASET = "cornell-movie-review-data/rotten_tomatoes"': f'DATASET = "{reviews}"'}
     for line, ours in settings.items():  # the first cell's settings: the rest runs as a user gets it
         assert line in first.source, line
@@ -30,7 +33,7 @@ def test_run_all_works_after_setting_only_the_way_in(tiny_ckpt, reviews, tmp_pat
     assert f"working in {tmp_path}" in outputs
     assert "P(negative)" in outputs and "Accuracy:" in outputs and "Sentiment:" in outputs
     assert "x no LoRA (" in outputs  # question 2.1's ratios come with their spread
-    name = os.path.basename(tiny_ckpt)  # the untouched model's folders are named after it
+    name = model.name  # the untouched model's folders are named after it
     for path in ("gpt-lora-default/loss_curve.png", f"{name}-4-shot/results.json", "sweep/results.md",
                  "gpt-lora-default/hf/model.safetensors", "gpt-lora-default/peft/adapter_config.json"):
         assert (tmp_path / f"quick-{path}").is_file(), path  # QUICK's runs keep out of the real runs' folders
