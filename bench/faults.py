@@ -978,8 +978,136 @@ for _name, _args, _message in [
     case("round four", f"generate.py {_name}: one line")(
         lambda e, w, a=_args, m=_message: refused_leaving(e, w, "generate.py", f"--init_from={e.base}", *a, message=m))
 
-case("round four", "python model.py --ranks=abc: one line")(
-    lambda e, w: refused_leaving(e, w, "model.py", "--ranks=abc", message="ranks must be whole numbers"))
+
+@case("round four", "python model.py --ranks=abc: one line")
+def _(e, w):
+    return refused_leaving(e, w, "model.py", "--ranks=abc", message="ranks must be whole numbers")
+
+
+@case("round four", "generate.py --prompt=FILE:a FIFO: refused at once, not left waiting")
+def _(e, w):
+    os.mkfifo(os.path.join(w, "fifo"))
+    return refused_leaving(e, w, "generate.py", f"--prompt=FILE:{w}/fifo", message="is not a regular file")
+
+
+@case("round four", "make_starter onto a full disk: one line, nothing left")
+def _(e, w):
+    r = e.cli("course/make_starter.py", f"--out_dir={w}/starter", limit_bytes=2000)
+    return r, refused(r, says="cannot write the starter") and os.listdir(w) == []
+
+
+def damaged_pissa_run(e, w, damage, message):
+    """A PiSSA run's checkpoint, damaged, then evaluated: refused with message, no results written."""
+    import torch
+    r = e.cli("train.py", *e.flags(f"{w}/run", "--max_iters=2", "--lora_init=pissa"))
+    if r.status != 0:
+        return r, False
+    ckpt = torch.load(f"{w}/run/ckpt.pt", weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, f"{w}/run/ckpt.pt")
+    r = e.cli("generate.py", f"--out_dir={w}/run", "--device=cpu", "--num_samples=2")
+    return r, refused(r, says=message) and not os.path.exists(f"{w}/run/results.json")
+
+
+@case("round four", "a PiSSA checkpoint without lora_A0 and lora_B0: one line, not a different model")
+def _(e, w):
+    def drop_start(ckpt):
+        ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.endswith(("lora_A0", "lora_B0"))}
+    return damaged_pissa_run(e, w, drop_start, "without its initial A and B")
+
+
+@case("round four", "a checkpoint whose lora_variant is 'vera': one line")
+def _(e, w):
+    return damaged_pissa_run(e, w, lambda ckpt: ckpt["model_args"].update(lora_variant="vera"),
+                             "does not match its own model settings")
+
+
+for _name, _extra, _message in [
+        ("lora_alpha NaN", {"lora_alpha": float("nan")}, "lora_alpha (a finite number > 0)"),
+        ("PiSSA's start not converted", {"init_lora_weights": "pissa"}, "not converted"),
+        ("a rank_pattern", {"rank_pattern": {"c_attn": 8}}, "rank_pattern"),
+        ("lora_dropout '0.1x'", {"lora_dropout": "0.1x"}, "lora_dropout must be a number in [0, 1)")]:
+    def _peft(e, w, extra=_extra, message=_message):
+        from safetensors.torch import save_file
+        import torch
+        os.makedirs(f"{w}/adapter")
+        with open(f"{w}/adapter/adapter_config.json", "w") as f:
+            json.dump({"r": 4, "lora_alpha": 8, "peft_type": "LORA", "target_modules": ["c_attn"], **extra}, f)
+        save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 32)},
+                  f"{w}/adapter/adapter_model.safetensors")
+        r = e.cli("export.py", "--format=import_peft", f"--adapter={w}/adapter", f"--init_from={e.base}",
+                  f"--out_dir={w}/out")
+        return r, refused(r, says=message) and not os.path.exists(f"{w}/out")
+    case("round four", f"export.py import_peft of an adapter with {_name}: one line naming it")(_peft)
+
+
+@case("round four", "export.py --adapter=~/a: ~ is the home folder")
+def _(e, w):
+    os.makedirs(f"{w}/home/a")
+    r = e.cli("export.py", "--format=import_peft", "--adapter=~/a", f"--init_from={e.base}", f"--out_dir={w}/out",
+              home=f"{w}/home")
+    return r, r.error_line() and f"{w}/home/a" in r.err
+
+
+@case("round four", "sweep.py run from another folder, then again over a results.json that is a list")
+def _(e, w):
+    flags = [f"--init_from={e.base}", f"--dataset={e.data}", "--ranks=", "--full_finetune=False", "--few_shot=False",
+             "--num_samples=4", "--device=cpu", f"--out_dir={w}/sweep"]
+    first = subprocess.run([sys.executable, os.path.join(e.repo, "sweep.py"), *flags], cwd=w, capture_output=True,
+                           text=True, timeout=300)
+    Path(w, "sweep", "zero-shot").mkdir(parents=True, exist_ok=True)
+    Path(w, "sweep", "zero-shot", "results.json").write_text("[1, 2]")
+    again = subprocess.run([sys.executable, os.path.join(e.repo, "sweep.py"), *flags], cwd=w, capture_output=True,
+                           text=True, timeout=300)
+    r = Result("cd elsewhere && python /path/to/sweep.py ..., twice", again.returncode, again.stdout, again.stderr)
+    return r, first.returncode == 0 and again.returncode == 0 and not r.traceback
+
+
+ADD_LORA = r"""
+import sys, torch, torch.nn as nn
+sys.path.insert(0, {repo!r})
+from lorakit.adapters import add_lora
+{body}
+"""
+
+for _name, _body, _expect in [
+        ("on a pruned nn.Linear: refused naming the layer, not random weights",
+         "from torch.nn.utils import prune\nm = nn.Sequential(nn.Linear(4, 4))\nprune.l1_unstructured(m[0], 'weight', 0.5)\n"
+         "try:\n    add_lora(m, ['0'])\nexcept ValueError as err:\n    print('refused:', err)",
+         "refused: 0 computes its weight"),
+        ("on a head tied to the embedding: refused, the tie kept",
+         "class T(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+         "        self.emb, self.head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)\n"
+         "        self.head.weight = self.emb.weight\nm = T()\n"
+         "try:\n    add_lora(m, ['head'])\nexcept ValueError as err:\n    print('refused:', err, m.head.weight is m.emb.weight)",
+         "shared with emb.weight"),
+        ("with rank 2.5: refused with the rule",
+         "try:\n    add_lora(nn.Sequential(nn.Linear(2, 2)), ['0'], lora_rank=2.5)\n"
+         "except ValueError as err:\n    print('refused:', err)", "lora_rank must be a whole number >= 1"),
+        ("on transformers' Conv1D: the model's function at start",
+         "from transformers import GPT2Config, GPT2LMHeadModel\ntorch.manual_seed(0)\n"
+         "m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8)).eval()\n"
+         "x = torch.randint(0, 50257, (1, 6))\nbefore = m(x).logits\nadd_lora(m, r'.*attn\\.c_(attn|proj)', lora_rank=2)\n"
+         "print('largest difference', (m.eval()(x).logits - before).abs().max().item() < 1e-6)",
+         "largest difference True")]:
+    def _add(e, w, body=_body, expect=_expect):
+        r = e.cli("-c", ADD_LORA.format(repo=e.repo, body=body))
+        r.command = "add_lora " + r.command.split("add_lora(", 2)[-1][:60]
+        return r, r.status == 0 and expect in r.out
+    case("round four", f"add_lora {_name}")(_add)
+
+
+@case("round four", "--help of every script imports no torch, datasets or transformers")
+def _(e, w):
+    scripts = ["train.py", "generate.py", "sweep.py", "export.py", "model.py", "course/make_starter.py",
+               "course/grade.py", "bench/perf.py", "bench/faults.py"]
+    heavy = {"torch", "datasets", "transformers"}
+    results = [e.cli("-X", "importtime", script, "--help") for script in scripts]
+    slow = [r.command for r in results
+            if r.status != 0 or heavy & {ln.rsplit("|", 1)[-1].strip() for ln in r.err.splitlines()}]
+    r = Result(f"python -X importtime SCRIPT --help, {len(scripts)} scripts", 0 if not slow else 1, "", "")
+    r.last = f"heavy imports in: {slow}" if slow else "none imports them"
+    return r, not slow
 
 
 def main(argv):
