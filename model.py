@@ -302,27 +302,15 @@ class GPT(nn.Module):
         GPT-2 from a Hugging Face checkpoint: gpt2 .. gpt2-xl, a hub id, or a local directory.
         override_args may set dropout and the LoRA settings; the rest comes from the checkpoint.
         """
-        from lorakit.hf_checkpoint import read_hf_checkpoint  # Hugging Face's libraries only when a checkpoint is read
+        # Hugging Face's libraries only when a checkpoint is read
+        from lorakit.hf_checkpoint import copy_gpt2_weights, read_hf_checkpoint
         override_args = dict(override_args or {})
         unknown = sorted(set(override_args) - set(OVERRIDABLE))
         if unknown:
             raise ValueError(f"from_pretrained cannot override {', '.join(unknown)}; "
                              f"only {', '.join(OVERRIDABLE)} can be set, the rest comes from the checkpoint")
         config_args, sd_hf = read_hf_checkpoint(model_type)
-        model = cls(GPTConfig(**config_args, **override_args))
-        sd = model.state_dict()
-        expected = {k for k in sd if not is_lora_param(k) and k != "lm_head.weight"}  # the head is tied to wte
-        missing = expected - set(sd_hf)
-        if missing:
-            raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for k in expected:
-                assert sd_hf[k].shape == sd[k].shape, f"{k}: checkpoint {tuple(sd_hf[k].shape)}, model {tuple(sd[k].shape)}"
-                sd[k].copy_(sd_hf[k])
-        for m in model.modules():
-            if hasattr(m, "reset_magnitude"):
-                m.reset_magnitude()  # DoRA's m from the pretrained weights
-        return model
+        return copy_gpt2_weights(cls(GPTConfig(**config_args, **override_args)), sd_hf, model_type)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lora_plus_ratio=1.0):
         """

@@ -1066,7 +1066,10 @@ def _(e, w):
 ADD_LORA = r"""
 import sys, torch, torch.nn as nn
 sys.path.insert(0, {repo!r})
-from lorakit.adapters import add_lora
+try:
+    from lorakit.adapters import add_lora
+except ImportError:  # a version that kept it in lora.py
+    from lora import add_lora
 {body}
 """
 

@@ -89,12 +89,11 @@ def read_checkpoint(path, device="cpu"):
 
 
 def base_with_lora(base_model, lora):
-    """The pretrained GPT-2 base_model as a model with the LoRA layers that lora (model.py's OVERRIDABLE
-    settings) asks for: the base read plain, its weights then loaded into a model built with LoRA."""
-    base = GPT.from_pretrained(base_model)
-    model = GPT(GPTConfig(**{**asdict(base.config), **lora}))
-    model.load_state_dict(base.state_dict(), strict=False)  # every weight but the adapter's, which starts fresh
-    return model
+    """The pretrained GPT-2 base_model built with the LoRA layers that lora (model.py's OVERRIDABLE settings) asks
+    for, once: the adapter's tensors start fresh."""
+    from lorakit.hf_checkpoint import copy_gpt2_weights, read_hf_checkpoint  # as from_pretrained: only when needed
+    config_args, sd_hf = read_hf_checkpoint(base_model)
+    return copy_gpt2_weights(GPT(GPTConfig(**config_args, **lora)), sd_hf, base_model)
 
 
 def _adapter_model(path, ckpt, state):

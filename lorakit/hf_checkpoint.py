@@ -15,7 +15,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from lorakit.common import Unreachable, error_summary, hub_offline, not_a_hub_id
-from lorakit.adapters import lora_state_dict
+from lorakit.adapters import is_lora_param, lora_state_dict
 
 # Hugging Face's GPT-2 keeps these four projections as Conv1D, i.e. weights stored (in, out)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -95,6 +95,24 @@ def read_hf_checkpoint(model_type):
     config_args = dict(n_layer=hc["n_layer"], n_head=hc["n_head"], n_embd=hc["n_embd"], block_size=hc["n_positions"],
                        vocab_size=hc["vocab_size"], bias=True)
     return config_args, state
+
+
+def copy_gpt2_weights(model, sd_hf, model_type):
+    """model (a GPT, with LoRA layers or without) holding the checkpoint's weights, sd_hf from read_hf_checkpoint:
+    every tensor but LoRA's, which keep their start, and the head, which is tied to wte."""
+    sd = model.state_dict()
+    expected = {k for k in sd if not is_lora_param(k) and k != "lm_head.weight"}
+    missing = expected - set(sd_hf)
+    if missing:
+        raise ValueError(f"'{model_type}' lacks {len(missing)} GPT-2 tensors, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for k in expected:
+            assert sd_hf[k].shape == sd[k].shape, f"{k}: checkpoint {tuple(sd_hf[k].shape)}, model {tuple(sd[k].shape)}"
+            sd[k].copy_(sd_hf[k])
+    for m in model.modules():
+        if hasattr(m, "reset_magnitude"):
+            m.reset_magnitude()  # DoRA's m from the pretrained weights
+    return model
 
 
 def _check_plain_gpt2(model_type, hc):

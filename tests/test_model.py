@@ -282,12 +282,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, lo
 
 
 def test_imports_stay_light():
-    """model.py needs only torch and lora.py at import; a one-process train.py never imports FSDP or DTensor."""
+    """model.py needs only torch, lora.py and lorakit's plain parts at import (configurator, the standard library's,
+    first, so that --help needs no torch); a one-process train.py never imports FSDP or DTensor."""
     import subprocess
     import sys
     from conftest import ROOT
-    code = ("import sys, model; bad = [m for m in sys.modules if m.split('.')[0] in ('huggingface_hub', 'configurator', "
-            "'transformers', 'safetensors') or m == 'lorakit.hf_checkpoint']; assert not bad, bad; import train; "
+    code = ("import sys, model; bad = [m for m in sys.modules if m.split('.')[0] in ('huggingface_hub', "
+            "'transformers', 'safetensors', 'datasets') or m == 'lorakit.hf_checkpoint']; assert not bad, bad; import train; "
             "bad = [m for m in sys.modules if m.startswith(('torch.distributed.fsdp', 'torch.distributed.tensor'))]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
