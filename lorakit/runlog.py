@@ -100,7 +100,19 @@ def setup_lines(c, defaults, base_model, data, rt):
         lines.append(f"note: warmup_iters={c.warmup_iters} is most of max_iters={c.max_iters}: the learning rate "
                      + ("never reaches" if c.warmup_iters >= c.max_iters else "barely reaches")
                      + f" {c.learning_rate:g}; use --warmup_iters={max(1, c.max_iters // 10)} for a short run")
+    if str(rt.device) == 'cpu':
+        import torch
+        lines += [n for n in [busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())] if n]
     return "\n".join(lines)
+
+
+def busy_cpu_note(load, cores, threads):
+    """A note when other work holds the cores: each of torch's threads then waits for the slowest one at every
+    operation, and one thread was 7-20x faster per step (docs/performance.md)."""
+    if threads > 1 and load > cores and 'OMP_NUM_THREADS' not in os.environ:
+        return (f"note: the CPU is busy (load {load:.1f} on {cores} cores): OMP_NUM_THREADS=1 before the command "
+                f"can make each step several times faster")
+    return None
 
 
 def duration(seconds):

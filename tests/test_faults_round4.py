@@ -234,3 +234,13 @@ def test_help_imports_no_torch_datasets_or_transformers(script):
     imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
     assert code == 0 and f"python {script}" in out and "settings (--key=value" in out
     assert not imported & {"torch", "datasets", "transformers", "tiktoken", "peft"}, sorted(imported)
+
+
+def test_a_busy_cpu_gets_the_one_thread_note(monkeypatch):
+    from lorakit.runlog import busy_cpu_note
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert busy_cpu_note(4.6, 2, 2) == ("note: the CPU is busy (load 4.6 on 2 cores): OMP_NUM_THREADS=1 before the "
+                                        "command can make each step several times faster")
+    assert busy_cpu_note(1.5, 2, 2) is None and busy_cpu_note(4.6, 2, 1) is None  # quiet, or one thread already
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose
+    assert busy_cpu_note(4.6, 2, 2) is None
