@@ -1033,7 +1033,9 @@ for _name, _extra, _message in [
         os.makedirs(f"{w}/adapter")
         with open(f"{w}/adapter/adapter_config.json", "w") as f:
             json.dump({"r": 4, "lora_alpha": 8, "peft_type": "LORA", "target_modules": ["c_attn"], **extra}, f)
-        save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 32)},
+        prefix = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"  # a whole adapter: only extra is wrong
+        save_file({prefix.format(i, ab): torch.zeros(shape) for i in range(2) for ab, shape in (("A", (4, 32)),
+                                                                                                 ("B", (96, 4)))},
                   f"{w}/adapter/adapter_model.safetensors")
         r = e.cli("export.py", "--format=import_peft", f"--adapter={w}/adapter", f"--init_from={e.base}",
                   f"--out_dir={w}/out")
