@@ -102,7 +102,8 @@ def setup_lines(c, defaults, base_model, data, rt):
                      + f" {c.learning_rate:g}; use --warmup_iters={max(1, c.max_iters // 10)} for a short run")
     if str(rt.device) == 'cpu':
         import torch
-        lines += [n for n in [busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())] if n]
+        note = busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+        lines += [note] if note else []
     return "\n".join(lines)
 
 
