@@ -14,6 +14,7 @@ takes a few minutes on a CPU; tiktoken's GPT-2 encoding must be reachable (TIKTO
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -1076,30 +1077,84 @@ except ImportError:  # a version that kept it in lora.py
 """
 
 for _name, _body, _expect in [
-        ("on a pruned nn.Linear: refused naming the layer, not random weights",
+        ("add_lora on a pruned nn.Linear: refused naming the layer, not random weights",
          "from torch.nn.utils import prune\nm = nn.Sequential(nn.Linear(4, 4))\nprune.l1_unstructured(m[0], 'weight', 0.5)\n"
          "try:\n    add_lora(m, ['0'])\nexcept ValueError as err:\n    print('refused:', err)",
          "refused: 0 computes its weight"),
-        ("on a head tied to the embedding: refused, the tie kept",
+        ("add_lora on a head tied to the embedding: refused, the tie kept",
          "class T(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
          "        self.emb, self.head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)\n"
          "        self.head.weight = self.emb.weight\nm = T()\n"
          "try:\n    add_lora(m, ['head'])\nexcept ValueError as err:\n    print('refused:', err, m.head.weight is m.emb.weight)",
          "shared with emb.weight"),
-        ("with rank 2.5: refused with the rule",
+        ("add_lora with rank 2.5: refused with the rule",
          "try:\n    add_lora(nn.Sequential(nn.Linear(2, 2)), ['0'], lora_rank=2.5)\n"
          "except ValueError as err:\n    print('refused:', err)", "lora_rank must be a whole number >= 1"),
-        ("on transformers' Conv1D: the model's function at start",
+        ("add_lora on transformers' Conv1D: the model's function at start",
          "from transformers import GPT2Config, GPT2LMHeadModel\ntorch.manual_seed(0)\n"
          "m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8)).eval()\n"
          "x = torch.randint(0, 50257, (1, 6))\nbefore = m(x).logits\nadd_lora(m, r'.*attn\\.c_(attn|proj)', lora_rank=2)\n"
          "print('largest difference', (m.eval()(x).logits - before).abs().max().item() < 1e-6)",
-         "largest difference True")]:
+         "largest difference True"),
+        ("add_lora with an empty pattern: refused",
+         "m = nn.Linear(2, 2)\ntry:\n    add_lora(m, '')\nexcept ValueError as err:\n    print('refused:', err)\n"
+         "print('children', [n for n, _ in m.named_children()])",
+         "target_modules is empty: give a regular expression or a list of layer names\nchildren []"),
+        ("add_lora on a layer registered under two names: replaced under both",
+         "m = nn.Module()\nm.a = m.b = nn.Linear(3, 3)\nx = torch.randn(2, 3)\nbefore = m.a(x)\nadd_lora(m, ['a'])\n"
+         "print('shared', m.a is m.b and torch.equal(m.b(x), before))", "shared True"),
+        ("DoRA on a weight with a row of zeros: finite",
+         "from lora import LoRALinear\ntry:\n    from lorakit.variants import DoRALinear\n"
+         "except ImportError:  # a version that kept it in lora.py\n    from lora import DoRALinear\n"
+         "layer = LoRALinear(4, 3, lora_rank=2, lora_alpha=2.0)\ntorch.nn.init.zeros_(layer.weight.data[1])\n"
+         "dora = DoRALinear.from_lora(layer)\nx = torch.randn(5, 4)\n"
+         "print('finite', bool(torch.isfinite(dora(x)).all() and torch.isfinite(dora.eval()(x)).all()))",
+         "finite True")]:
     def _add(e, w, body=_body, expect=_expect):
         r = e.cli("-c", ADD_LORA.format(repo=e.repo, body=body))
-        r.command = "add_lora " + r.command.split("add_lora(", 2)[-1][:60]
+        r.command = "python -c ..." + next(ln for ln in body.splitlines() if "_lora(" in ln)[:70]
         return r, r.status == 0 and expect in r.out
-    case("round four", f"add_lora {_name}")(_add)
+    case("round four", _name)(_add)
+
+
+@case("round four", "make_starter --overwrite=True into a home folder of files: refused, the files kept")
+def _(e, w):
+    Path(w, "home", "notes.txt").parent.mkdir()
+    Path(w, "home", "notes.txt").write_text("mine")
+    r = e.cli("course/make_starter.py", "--out_dir=~", "--overwrite=True", home=f"{w}/home")
+    return r, refused(r, says="holds no starter written by this command") and os.listdir(f"{w}/home") == ["notes.txt"]
+
+
+@case("round four", "three make_starter --overwrite=True at once into one starter: no traceback, a whole starter")
+def _(e, w):
+    assert e.cli("course/make_starter.py", f"--out_dir={w}/starter").status == 0
+    Path(w, "starter", "lora.py").write_text("edited")
+    runs = [subprocess.Popen([sys.executable, "course/make_starter.py", f"--out_dir={w}/starter", "--overwrite=True"],
+                             cwd=e.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    done = [(p.returncode, *p.communicate(timeout=120)) for p in runs]
+    r = Result("3 x make_starter --overwrite=True at once", [p.returncode for p in runs], "", "".join(d[2] for d in done))
+    r.last = r.last or f"exit statuses {r.status}"
+    whole = "raise NotImplementedError" in Path(w, "starter", "lora.py").read_text()
+    return r, whole and not r.traceback and all(p.returncode == 0 or err.count("\n") == 1 for p, (_, _, err) in
+                                                zip(runs, done)) and not [n for n in os.listdir(w) if n.startswith(".")]
+
+
+@case("round four", "the notebook with QUICK = \"False\" (a string): stops with what to write")
+def _(e, w):
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.read(os.path.join(e.repo, "run_in_colab.ipynb"), as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    first.source = first.source.replace('WAY_IN = "drive"', 'WAY_IN = "here"').replace("QUICK = False", 'QUICK = "False"')
+    nb.cells = [first]
+    r = Result('run_in_colab.ipynb, QUICK = "False"', 0, "", "")
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": e.repo}}).execute()
+        r.last = "the notebook went on in QUICK mode"
+    except CellExecutionError as err:
+        r.status, r.last = 1, re.sub(r"\x1b\[[0-9;]*m", "", str(err).strip().splitlines()[-1])  # no colours
+    return r, r.status == 1 and "QUICK must be True or False" in r.last
 
 
 @case("round four", "--help of every script imports no torch, datasets or transformers")
