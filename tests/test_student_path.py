@@ -170,3 +170,11 @@ def test_the_readmes_todo_links_point_at_the_code_they_name():
     assert len(rows) >= 10
     for code, path, line in rows:
         assert code in (ROOT / path).read_text().splitlines()[int(line) - 1], (code, path, line)
+
+
+def test_every_relative_link_of_the_readme_and_docs_names_a_file_that_exists():
+    pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("course/*.md")]
+    broken = [(str(page.relative_to(ROOT)), target) for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()]
+    assert len(pages) > 5 and not broken, broken
