@@ -1131,12 +1131,12 @@ def _(e, w):
     Path(w, "starter", "lora.py").write_text("edited")
     runs = [subprocess.Popen([sys.executable, "course/make_starter.py", f"--out_dir={w}/starter", "--overwrite=True"],
                              cwd=e.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    done = [(p.returncode, *p.communicate(timeout=120)) for p in runs]
-    r = Result("3 x make_starter --overwrite=True at once", [p.returncode for p in runs], "", "".join(d[2] for d in done))
+    errs = [p.communicate(timeout=120)[1] for p in runs]
+    r = Result("3 x make_starter --overwrite=True at once", [p.returncode for p in runs], "", "".join(errs))
     r.last = r.last or f"exit statuses {r.status}"
     whole = "raise NotImplementedError" in Path(w, "starter", "lora.py").read_text()
-    return r, whole and not r.traceback and all(p.returncode == 0 or err.count("\n") == 1 for p, (_, _, err) in
-                                                zip(runs, done)) and not [n for n in os.listdir(w) if n.startswith(".")]
+    one_line_each = all(p.returncode == 0 or err.count("\n") == 1 for p, err in zip(runs, errs))
+    return r, whole and not r.traceback and one_line_each and not [n for n in os.listdir(w) if n.startswith(".")]
 
 
 @case("round four", "the notebook with QUICK = \"False\" (a string): stops with what to write")
