@@ -124,6 +124,13 @@ def _suggest(key, known):
     return f"; did you mean {' or '.join(close)}?" if close else "; see --help for the settings"
 
 
+def setting_name(flag):
+    """The setting a flag (--key=value, key=value or --key-with-dashes=value) names: dashes read as underscores,
+    the handout's short names as the settings they stand for."""
+    key = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+    return ALIASES.get(key, key)
+
+
 def _check_key(key, config, where):
     key = ALIASES.get(key, key)
     if key not in config:
@@ -203,8 +210,7 @@ def configure(defaults, argv):
                 raise _missing_config_file(arg)
             _run_config_file(arg, config, defaults)
             continue
-        key, raw = arg.split("=", 1)
-        key = key.lstrip("-").replace("-", "_")
+        key, raw = setting_name(arg), arg.split("=", 1)[1]
         if not key:
             raise ConfigError(f"'{arg}' has no setting name: write --key=value")
         key = _check_key(key, config, "")

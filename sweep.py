@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, settings_of  # first: --help skips torch
+from configurator import ConfigError, Interrupted, check, configure, one_of, run_cli, setting_name, settings_of  # first: --help skips torch
 from lorakit.common import command_line, hold_out_dir, log_scale, read_json, read_jsonl, save_atomic, save_figure, write_json
 from lorakit.data import EVAL_MODES
 from lorakit.prompts import OWN, TEMPLATES, prompt_errors, split_label_words
@@ -68,13 +68,12 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_of(globals())
 DEFAULT_SEED = 1337  # train.py's: runs with it need no --seed and no suffix
-# train.py's settings the grid sets, and the sweep setting that sets each; the handout's short names
+# train.py's settings the grid sets, and the sweep setting that sets each
 GRID = dict(init_from='init_from', dataset='dataset', device='device', lora_rank='ranks', lora_alpha='alpha_per_rank',
             learning_rate='lora_lr, full_lr', max_iters='max_iters', batch_size='batch_size',
             eval_interval='eval_interval', eval_iters='eval_iters', seed='seeds', lora_targets='targets',
             lora_scaling='scalings', lora_plus_ratio='lora_plus_ratios', lora_variant='variants', lora_init='variants',
             prompt_template='templates', label_words='label_words', out_dir='out_dir')
-ALIASES = dict(rank='lora_rank', alpha='lora_alpha', lr='learning_rate')
 VARIANTS = {'lora': ('LoRA', ''), 'dora': ('DoRA', '--lora_variant=dora'), 'pissa': ('PiSSA', '--lora_init=pissa')}
 
 
@@ -147,7 +146,7 @@ def plan(c):
     except ValueError as e:
         raise ConfigError(f"train_args cannot be split into flags ({e}): close its quotes") from None
     for arg in train_args:  # the grid's settings are the table's: train_args may not change them under it
-        key = ALIASES.get(arg.lstrip('-').split('=')[0], arg.lstrip('-').split('=')[0])
+        key = setting_name(arg)
         if key in GRID:
             raise ConfigError(f"train_args sets {key}, which the sweep sets for each run ({GRID[key]}): drop it from "
                               f"train_args")

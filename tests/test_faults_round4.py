@@ -113,6 +113,7 @@ def test_dora_on_a_row_of_zeros_stays_finite():
     (["--variants=pissa", "--train_args=--lora_init=default"], "train_args sets lora_init, which the sweep sets"),
     (["--ranks=4", "--train_args=--lora_rank=2 --lora_alpha=8"], "train_args sets lora_rank"),
     (["--ranks=4", "--train_args=--rank=2"], "train_args sets lora_rank"),
+    (["--variants=pissa", "--train_args=--lora-init=default"], "train_args sets lora_init"),  # dashes, as train.py reads
     (["--variants=dora,dora"], "variants names a choice twice"),
 ])
 def test_the_sweeps_grid_is_what_it_trains(flags, message, tmp_path):
